@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("executor: not implemented yet");
+    std::process::exit(1);
+}

@@ -1,0 +1,3 @@
+//! Vivian's binaries share this library: the REST API routes (mountable by an
+//! embedding program) and the wiring of the executor.
+#![warn(missing_docs)]

@@ -1,0 +1,1 @@
+//! vivian-boots (being written).

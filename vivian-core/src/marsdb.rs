@@ -1,0 +1,1 @@
+//! marsdb (being written).

@@ -1,0 +1,1 @@
+//! vivian-gitlab (being written).

@@ -1,0 +1,1 @@
+//! vivian-pdu (being written).
