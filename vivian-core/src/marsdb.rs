@@ -1,1 +1,0 @@
-//! marsdb (being written).

@@ -1,0 +1,405 @@
+//! The YAML file backend of [`MarsDb`], with live reload.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{watch, Mutex, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::yaml::{self, ParseOptions};
+use super::{Change, Database, MarsDb, MarsDbError, ValidationError, Validator};
+
+/// Options of [`FileMarsDb`].
+#[derive(Clone)]
+pub struct FileOptions {
+    /// `EXECUTOR_VPDU_ENDPOINT` (`host:port`): when set, every load adds or
+    /// overwrites the PDU `VPDU` (driver `vpdu`, `config.hostname` = this).
+    pub vpdu_endpoint: Option<String>,
+    /// Extra validation run on every load and change (e.g. known PDU
+    /// drivers). An error makes a file edit invalid, or a change refused.
+    pub validator: Option<Validator>,
+    /// Quiet time after the last file event before the file is re-read
+    /// (editors write in several steps). Default 30 ms.
+    pub debounce: Duration,
+    /// Longest delay between the first event and the re-read, even when
+    /// events keep coming. Default 300 ms.
+    pub max_delay: Duration,
+    /// Re-read the file this often even without events (a safety net; the
+    /// re-read is a no-op when the bytes did not change). Default 30 s;
+    /// `None` disables it.
+    pub rescan_interval: Option<Duration>,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            vpdu_endpoint: None,
+            validator: None,
+            debounce: Duration::from_millis(30),
+            max_delay: Duration::from_millis(300),
+            rescan_interval: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl std::fmt::Debug for FileOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileOptions")
+            .field("vpdu_endpoint", &self.vpdu_endpoint)
+            .field("validator", &self.validator.as_ref().map(|_| "<fn>"))
+            .field("debounce", &self.debounce)
+            .field("max_delay", &self.max_delay)
+            .field("rescan_interval", &self.rescan_interval)
+            .finish()
+    }
+}
+
+/// [`MarsDb`] stored in a YAML file (`MARS_DB_FILE`), live-editable.
+///
+/// * [`FileMarsDb::open`] creates the file (an empty database) if it is
+///   missing; an empty file is an empty database.
+/// * The file's folder is watched (so saves by rename, as vim and
+///   `sed -i` do, are seen); after a short quiet time the file is re-read.
+///   Identical bytes are ignored, so the backend's own writes cause no
+///   reload and no change notification.
+/// * An invalid edit keeps the last good database in force, is logged
+///   (with file, line and column) and exposed by [`MarsDb::error`]; writes
+///   then fail with [`MarsDbError::InvalidFile`] and leave the file as the
+///   admin wrote it. A removed file is treated the same way. Fixing the
+///   file clears the error.
+/// * Writes are serialised. Before a write the file is re-read, so an edit
+///   whose event is still pending is applied (or, if invalid, blocks the
+///   write) rather than overwritten. Writes go to a temporary file in the
+///   same folder, which is fsynced and renamed over the file, then the
+///   folder is fsynced. Nothing is written when a change changes nothing.
+/// * A DUT entry without `first_seen` gets the current time, and keeps it
+///   across reloads while the process runs; it is written to the file with
+///   the next write.
+///
+/// Dropping the backend stops the watcher.
+pub struct FileMarsDb {
+    inner: Arc<Inner>,
+    _watcher: notify::RecommendedWatcher,
+    task: JoinHandle<()>,
+}
+
+struct Inner {
+    path: PathBuf,
+    opts: FileOptions,
+    /// The bytes of the file as last read or written by us; also the write
+    /// lock.
+    disk: Mutex<Option<Vec<u8>>>,
+    db: watch::Sender<Arc<Database>>,
+    error: watch::Sender<Option<ValidationError>>,
+    wake: Notify,
+}
+
+impl Drop for FileMarsDb {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FileMarsDb {
+    /// Opens (creating if missing) the database file at `path` and starts
+    /// watching it. Must be called within a tokio runtime.
+    ///
+    /// An invalid file does not make `open` fail: the backend starts with an
+    /// empty database (plus the VPDU, if configured) and the error is
+    /// reported by [`MarsDb::error`], as for a later invalid edit; a caller
+    /// that prefers to stop can check `error()` right after `open`. Fails on
+    /// I/O errors (unreadable file, missing folder, no watcher).
+    pub async fn open(path: impl AsRef<Path>, opts: FileOptions) -> Result<Self, MarsDbError> {
+        let path = std::path::absolute(path.as_ref()).map_err(|e| io_err(path.as_ref(), e))?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| io_err(&path, std::io::Error::other("the path has no parent folder")))?;
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .ok_or_else(|| io_err(&path, std::io::Error::other("the path has no file name")))?;
+
+        let mut initial = Database::new();
+        if let Some(ep) = &opts.vpdu_endpoint {
+            initial.apply_vpdu_endpoint(ep);
+        }
+        if !tokio::fs::try_exists(&path).await.map_err(|e| io_err(&path, e))? {
+            let text = Database::new().to_yaml();
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || write_atomic(&p, text.as_bytes()))
+                .await
+                .map_err(|e| io_err(&path, std::io::Error::other(e)))?
+                .map_err(|e| io_err(&path, e))?;
+            tracing::info!(file = %path.display(), "created an empty MarsDB file");
+        }
+
+        let inner = Arc::new(Inner {
+            path: path.clone(),
+            opts,
+            disk: Mutex::new(None),
+            db: watch::Sender::new(Arc::new(initial)),
+            error: watch::Sender::new(None),
+            wake: Notify::new(),
+        });
+
+        // Watch before the first read, so no edit falls in between.
+        let weak = Arc::downgrade(&inner);
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let relevant = match &res {
+                Ok(ev) => ev.paths.iter().any(|p| p.file_name() == Some(file_name.as_os_str())),
+                Err(_) => true,
+            };
+            if relevant {
+                if let Some(inner) = weak.upgrade() {
+                    inner.wake.notify_one();
+                }
+            }
+        })
+        .map_err(|e| io_err(&dir, std::io::Error::other(e)))?;
+        watcher
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(|e| io_err(&dir, std::io::Error::other(e)))?;
+
+        {
+            let mut disk = inner.disk.lock().await;
+            inner.sync_from_disk(&mut disk).await?;
+        }
+
+        let task = tokio::spawn(reload_loop(inner.clone()));
+        Ok(FileMarsDb {
+            inner,
+            _watcher: watcher,
+            task,
+        })
+    }
+
+    /// The path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Re-reads the file now (what a file event does, without waiting).
+    pub async fn reload(&self) -> Result<(), MarsDbError> {
+        let mut disk = self.inner.disk.lock().await;
+        self.inner.sync_from_disk(&mut disk).await
+    }
+}
+
+async fn reload_loop(inner: Arc<Inner>) {
+    loop {
+        match inner.opts.rescan_interval {
+            Some(every) => {
+                tokio::select! {
+                    _ = inner.wake.notified() => {}
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+            None => inner.wake.notified().await,
+        }
+        // Wait for a quiet period (bounded by max_delay).
+        let deadline = Instant::now() + inner.opts.max_delay;
+        loop {
+            let quiet = tokio::time::sleep(inner.opts.debounce);
+            tokio::select! {
+                _ = inner.wake.notified() => {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                _ = quiet => break,
+            }
+        }
+        let mut disk = inner.disk.lock().await;
+        if let Err(e) = inner.sync_from_disk(&mut disk).await {
+            tracing::error!(error = %e, "cannot read the MarsDB file");
+        }
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> MarsDbError {
+    MarsDbError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Inner {
+    fn set_error(&self, error: Option<ValidationError>) {
+        self.error.send_if_modified(|cur| {
+            if *cur == error {
+                false
+            } else {
+                *cur = error;
+                true
+            }
+        });
+    }
+
+    /// Brings memory in line with the file: no-op when its bytes are the
+    /// ones we last saw; else parses them and either publishes the new
+    /// database or records the error. Called with the write lock held.
+    async fn sync_from_disk(&self, disk: &mut Option<Vec<u8>>) -> Result<(), MarsDbError> {
+        let bytes = match tokio::fs::read(&self.path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if disk.is_some() || self.error.borrow().is_none() {
+                    let err = ValidationError::new(
+                        "",
+                        "the file was removed; the last good database stays in force until it is back",
+                    )
+                    .with_file(&self.path);
+                    tracing::error!("MarsDB: {err}");
+                    self.set_error(Some(err));
+                }
+                *disk = None;
+                return Ok(());
+            }
+            Err(e) => return Err(io_err(&self.path, e)),
+        };
+        if disk.as_deref() == Some(bytes.as_slice()) {
+            return Ok(());
+        }
+        let result = match std::str::from_utf8(&bytes) {
+            Ok(text) => {
+                let current = self.db.borrow().clone();
+                yaml::parse(
+                    text,
+                    Some(&current),
+                    &ParseOptions {
+                        file: Some(&self.path),
+                        vpdu_endpoint: self.opts.vpdu_endpoint.as_deref(),
+                        validator: self.opts.validator.as_ref(),
+                    },
+                )
+            }
+            Err(e) => Err(ValidationError::new("", format!("the file is not UTF-8 text: {e}"))
+                .with_file(&self.path)),
+        };
+        *disk = Some(bytes);
+        match result {
+            Ok(db) => {
+                let changed = self.db.send_if_modified(|cur| {
+                    if **cur == db {
+                        false
+                    } else {
+                        *cur = Arc::new(db);
+                        true
+                    }
+                });
+                if self.error.borrow().is_some() {
+                    tracing::info!(file = %self.path.display(), "MarsDB file fixed; its content is now in force");
+                } else if changed {
+                    tracing::info!(file = %self.path.display(), "MarsDB file changed; reloaded");
+                }
+                self.set_error(None);
+            }
+            Err(e) => {
+                tracing::error!(
+                    "invalid MarsDB edit, keeping the last good database and refusing API writes until it is fixed: {e}"
+                );
+                self.set_error(Some(e));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl MarsDb for FileMarsDb {
+    fn snapshot(&self) -> Arc<Database> {
+        self.inner.db.borrow().clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Database>> {
+        self.inner.db.subscribe()
+    }
+
+    fn error(&self) -> Option<ValidationError> {
+        self.inner.error.borrow().clone()
+    }
+
+    fn subscribe_error(&self) -> watch::Receiver<Option<ValidationError>> {
+        self.inner.error.subscribe()
+    }
+
+    async fn apply<'a>(&'a self, change: Change<'a>) -> Result<Arc<Database>, MarsDbError> {
+        let inner = &self.inner;
+        let mut disk = inner.disk.lock().await;
+        // An edit whose file event is still pending must not be overwritten.
+        inner.sync_from_disk(&mut disk).await?;
+        if let Some(e) = self.error() {
+            return Err(MarsDbError::InvalidFile(e));
+        }
+        let current = self.snapshot();
+        let mut next = (*current).clone();
+        change(&mut next).map_err(MarsDbError::Rejected)?;
+        if next == *current {
+            return Ok(current);
+        }
+        next.validate().map_err(MarsDbError::Invalid)?;
+        if let Some(v) = &inner.opts.validator {
+            v(&next).map_err(MarsDbError::Invalid)?;
+        }
+        let bytes = next.to_yaml().into_bytes();
+        let path = inner.path.clone();
+        let data = bytes.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&path, &data))
+            .await
+            .map_err(|e| io_err(&inner.path, std::io::Error::other(e)))?
+            .map_err(|e| io_err(&inner.path, e))?;
+        *disk = Some(bytes);
+        let next = Arc::new(next);
+        inner.db.send_replace(next.clone());
+        Ok(next)
+    }
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `data` to `path` atomically: a temporary file in the same folder
+/// (the target's, when `path` is a symlink), fsync, rename, fsync of the
+/// folder. The file keeps its permissions.
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let target = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
+        Err(e) => return Err(e),
+    };
+    let dir = target
+        .parent()
+        .ok_or_else(|| std::io::Error::other("the path has no parent folder"))?;
+    let name = target
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the path has no file name"))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        if let Ok(meta) = std::fs::metadata(&target) {
+            f.set_permissions(meta.permissions())?;
+        }
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &target)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    std::fs::File::open(dir)?.sync_all()
+}
