@@ -12,4 +12,5 @@
 
 pub mod config;
 pub mod marsdb;
+pub mod netboot;
 pub mod state;

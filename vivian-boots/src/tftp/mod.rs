@@ -1,0 +1,527 @@
+//! The read-only TFTP server (IN B.8).
+//!
+//! RFC 1350 in octet mode with the option extensions of RFC 2347 (OACK),
+//! RFC 2348 (`blksize`), RFC 2349 (`tsize`, `timeout`) and RFC 7440
+//! (`windowsize`). The main socket only receives requests; each transfer
+//! runs on its own thread with its own UDP socket (a new port, the "TID"),
+//! connected to the client. Blocking I/O on a dedicated thread keeps the
+//! ACK-to-DATA latency low, which is what bounds lock-step TFTP throughput.
+//!
+//! Files are served from the root only: a name with a `..` component, or
+//! whose resolved path (symlinks followed) leaves the root, a missing file
+//! and anything that is not a regular file are refused with ERROR 1.
+//! Write requests are refused with ERROR 4.
+
+pub mod packet;
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::net::UdpSocket;
+use tracing::{debug, info, warn};
+use vivian_core::netboot::{BootEvent, BootEventKind, BootEventSink, KnownDut};
+
+use crate::iface::bind_udp;
+use packet::{error_code, ClientPacket, Request};
+
+/// Largest block size accepted (RFC 2348).
+pub const MAX_BLKSIZE: usize = 65464;
+/// Largest window accepted (RFC 7440 allows 65535; more buys nothing).
+pub const MAX_WINDOWSIZE: u64 = 256;
+
+/// Settings of the TFTP server.
+#[derive(Debug, Clone)]
+pub struct TftpConfig {
+    /// The directory served.
+    pub root: PathBuf,
+    /// Time to wait for an ACK before retransmitting (overridden by the
+    /// client's `timeout` option).
+    pub timeout: Duration,
+    /// Retransmissions of one block (or window) before giving up.
+    pub retries: u32,
+    /// Most concurrent transfers; requests beyond are refused.
+    pub max_transfers: usize,
+    /// Interface transfer sockets are bound to (SO_BINDTODEVICE), if any.
+    pub device: Option<String>,
+}
+
+impl TftpConfig {
+    /// The reference's settings: 1 s timeout, 10 retries.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        TftpConfig {
+            root: root.into(),
+            timeout: Duration::from_secs(1),
+            retries: 10,
+            max_transfers: 64,
+            device: None,
+        }
+    }
+}
+
+/// Maps a client IP address to the DUT it belongs to, for boot events.
+pub type ClientResolver = Arc<dyn Fn(Ipv4Addr) -> Option<KnownDut> + Send + Sync>;
+
+/// Why a file is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Outside the root, missing, or not a regular file.
+    #[error("File not found")]
+    NotFound,
+}
+
+/// Resolves `name` under `root` (which must be canonical). Refuses `..`,
+/// names that resolve (through symlinks) outside the root, missing files
+/// and non-regular files. Returns the open file and its size.
+pub fn open_in_root(root: &Path, name: &str) -> Result<(File, u64), Refusal> {
+    let rel = Path::new(name.trim_start_matches('/'));
+    let mut clean = PathBuf::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(p) => clean.push(p),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(Refusal::NotFound)
+            }
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Err(Refusal::NotFound);
+    }
+    let full = root
+        .join(&clean)
+        .canonicalize()
+        .map_err(|_| Refusal::NotFound)?;
+    if !full.starts_with(root) {
+        return Err(Refusal::NotFound);
+    }
+    // O_NONBLOCK: opening a FIFO must not wait for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(&full)
+        .map_err(|_| Refusal::NotFound)?;
+    let meta = file.metadata().map_err(|_| Refusal::NotFound)?;
+    if !meta.is_file() {
+        return Err(Refusal::NotFound);
+    }
+    Ok((file, meta.len()))
+}
+
+/// The negotiated parameters of one transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Block size.
+    pub blksize: usize,
+    /// Window size.
+    pub windowsize: u64,
+    /// Retransmission timeout.
+    pub timeout: Duration,
+    /// Whether an OACK is sent (some option was accepted).
+    pub oack: bool,
+}
+
+/// Applies the client's options; returns the parameters and the OACK body.
+pub fn negotiate(
+    options: &[(String, String)],
+    file_size: u64,
+    default_timeout: Duration,
+) -> (Negotiated, Vec<(&'static str, String)>) {
+    let mut n = Negotiated {
+        blksize: 512,
+        windowsize: 1,
+        timeout: default_timeout,
+        oack: false,
+    };
+    let mut ack = Vec::new();
+    for (name, value) in options {
+        let Ok(v) = value.trim().parse::<u64>() else {
+            debug!(option = %name, value = %value, "ignoring TFTP option with a non-integer value");
+            continue;
+        };
+        match name.as_str() {
+            "blksize" if v >= 8 => {
+                n.blksize = usize::try_from(v).unwrap_or(MAX_BLKSIZE).min(MAX_BLKSIZE);
+                ack.push(("blksize", n.blksize.to_string()));
+            }
+            "tsize" => ack.push(("tsize", file_size.to_string())),
+            "timeout" if (1..=255).contains(&v) => {
+                n.timeout = Duration::from_secs(v);
+                ack.push(("timeout", v.to_string()));
+            }
+            "windowsize" if v >= 1 => {
+                n.windowsize = v.min(MAX_WINDOWSIZE);
+                ack.push(("windowsize", n.windowsize.to_string()));
+            }
+            _ => debug!(option = %name, "ignoring TFTP option"),
+        }
+    }
+    n.oack = !ack.is_empty();
+    (n, ack)
+}
+
+/// A TFTP server on one socket.
+pub struct TftpServer {
+    config: TftpConfig,
+    socket: UdpSocket,
+    resolver: ClientResolver,
+    events: Arc<dyn BootEventSink>,
+    stop: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
+}
+
+/// Stops a [`TftpServer`]'s transfers when dropped or told to.
+#[derive(Debug, Clone)]
+pub struct TftpStop(Arc<AtomicBool>);
+
+impl TftpStop {
+    /// Ends running transfers (within one timeout) and refuses new ones.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl TftpServer {
+    /// A server receiving requests on `socket`. The root is canonicalized
+    /// here: an error names it if it does not exist.
+    pub fn new(
+        mut config: TftpConfig,
+        socket: UdpSocket,
+        resolver: ClientResolver,
+        events: Arc<dyn BootEventSink>,
+    ) -> Result<Self, crate::BootsError> {
+        config.root = config
+            .root
+            .canonicalize()
+            .map_err(|e| crate::BootsError::TftpRoot {
+                root: config.root.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(TftpServer {
+            config,
+            socket,
+            resolver,
+            events,
+            stop: Arc::new(AtomicBool::new(false)),
+            active: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// A handle that stops running transfers.
+    pub fn stopper(&self) -> TftpStop {
+        TftpStop(self.stop.clone())
+    }
+
+    /// Serves requests until the task is aborted.
+    pub async fn run(self) {
+        let mut buf = vec![0u8; 2048];
+        info!(local = ?self.socket.local_addr().ok(), root = %self.config.root.display(), "TFTP server started");
+        let local_ip = self.socket.local_addr().ok().map(|a| a.ip());
+        loop {
+            let (n, from) = match self.socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("TFTP receive error: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let req = match packet::parse_request(&buf[..n]) {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(%from, "dropping malformed TFTP packet: {e}");
+                    continue;
+                }
+            };
+            self.dispatch(req, from, local_ip).await;
+        }
+    }
+
+    async fn dispatch(&self, req: Request, from: SocketAddr, local_ip: Option<IpAddr>) {
+        let refuse = |code: u16, msg: String| async move {
+            debug!(%from, "TFTP refused: {msg}");
+            let _ = self.socket.send_to(&packet::error(code, &msg), from).await;
+        };
+        if req.write {
+            return refuse(error_code::ILLEGAL_OPERATION, "Write support not implemented".into())
+                .await;
+        }
+        if req.mode != "octet" {
+            let msg = format!("Mode '{}' not supported", req.mode);
+            self.record(&req.filename, from, None, Some(msg.clone()));
+            return refuse(error_code::UNKNOWN_TID, msg).await;
+        }
+        if self.active.load(Ordering::SeqCst) >= self.config.max_transfers {
+            return refuse(error_code::UNDEFINED, "Too many transfers, retry later".into()).await;
+        }
+        let (file, size) = match open_in_root(&self.config.root, &req.filename) {
+            Ok(f) => f,
+            Err(e) => {
+                self.record(&req.filename, from, None, Some(e.to_string()));
+                return refuse(error_code::FILE_NOT_FOUND, e.to_string()).await;
+            }
+        };
+        // The transfer socket: a new port on the address the request came
+        // to (the client checks replies come from the server it asked).
+        let bind_ip = match local_ip {
+            Some(ip) if !ip.is_unspecified() => ip,
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let sock = match bind_udp(
+            SocketAddr::new(bind_ip, 0),
+            self.config.device.as_deref(),
+            false,
+        )
+        .and_then(|s| {
+            s.set_nonblocking(false)
+                .and_then(|_| s.connect(from))
+                .map(|_| s)
+                .map_err(|e| crate::BootsError::Bind {
+                    addr: from,
+                    reason: e.to_string(),
+                })
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("cannot open a TFTP transfer socket: {e}");
+                return refuse(error_code::UNDEFINED, "Server error".into()).await;
+            }
+        };
+        let (params, oack) = negotiate(&req.options, size, self.config.timeout);
+        let transfer = Transfer {
+            sock,
+            file,
+            size,
+            params,
+            oack,
+            retries: self.config.retries,
+            stop: self.stop.clone(),
+        };
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let active = self.active.clone();
+        let resolver = self.resolver.clone();
+        let events = self.events.clone();
+        let filename = req.filename.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tftp-transfer".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let result = transfer.run();
+                active.fetch_sub(1, Ordering::SeqCst);
+                match &result {
+                    Ok(bytes) => debug!(%from, file = %filename, bytes, elapsed = ?started.elapsed(), "TFTP transfer done"),
+                    Err(e) => debug!(%from, file = %filename, "TFTP transfer failed: {e}"),
+                }
+                record_event(&resolver, &*events, &filename, from, result);
+            });
+        if let Err(e) = spawned {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            warn!("cannot start a TFTP transfer thread: {e}");
+        }
+    }
+
+    fn record(&self, filename: &str, from: SocketAddr, bytes: Option<u64>, error: Option<String>) {
+        let result = match (bytes, error) {
+            (Some(b), None) => Ok(b),
+            (_, e) => Err(e.unwrap_or_default()),
+        };
+        record_event(&self.resolver, &*self.events, filename, from, result);
+    }
+}
+
+fn record_event(
+    resolver: &ClientResolver,
+    events: &dyn BootEventSink,
+    filename: &str,
+    from: SocketAddr,
+    result: Result<u64, String>,
+) {
+    let IpAddr::V4(ip) = from.ip() else { return };
+    let Some(dut) = resolver(ip) else { return };
+    let (bytes_sent, error) = match result {
+        Ok(b) => (Some(b), None),
+        Err(e) => (None, Some(e)),
+    };
+    events.record(BootEvent {
+        time: Utc::now(),
+        mac: dut.mac,
+        dut_id: Some(dut.id),
+        kind: BootEventKind::Tftp {
+            filename: filename.to_string(),
+            client: from,
+            bytes_sent,
+            error,
+        },
+    });
+}
+
+/// One transfer, run on its own thread with blocking I/O.
+struct Transfer {
+    sock: StdUdpSocket,
+    file: File,
+    size: u64,
+    params: Negotiated,
+    oack: Vec<(&'static str, String)>,
+    retries: u32,
+    stop: Arc<AtomicBool>,
+}
+
+impl Transfer {
+    /// Sends the file; returns the number of bytes sent.
+    fn run(self) -> Result<u64, String> {
+        let blksize = self.params.blksize;
+        let bs = blksize as u64;
+        // Number of DATA packets: a final short (maybe empty) block always.
+        let blocks = self.size / bs + 1;
+        let mut rbuf = [0u8; 512];
+        let mut pkt = vec![0u8; 4 + blksize];
+        self.sock
+            .set_read_timeout(Some(self.params.timeout))
+            .map_err(|e| e.to_string())?;
+
+        if self.params.oack {
+            let oack = packet::oack(&self.oack);
+            self.await_ack(&oack, 0, &mut rbuf)?;
+        }
+
+        // `base` = first unacknowledged block (1-based, u64: no wrap).
+        let mut base: u64 = 1;
+        let mut tries = 0;
+        while base <= blocks {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err("server stopping".into());
+            }
+            let end = (base + self.params.windowsize - 1).min(blocks);
+            for b in base..=end {
+                let n = self.fill(&mut pkt, b, bs)?;
+                self.send(&pkt[..n])?;
+            }
+            // Wait for an ACK that moves the window.
+            let deadline = Instant::now() + self.params.timeout;
+            let mut advanced = false;
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                self.sock
+                    .set_read_timeout(Some(deadline - now))
+                    .map_err(|e| e.to_string())?;
+                match self.sock.recv(&mut rbuf) {
+                    Ok(n) => match packet::parse_client_packet(&rbuf[..n]) {
+                        ClientPacket::Ack(a) => {
+                            // Map the 16-bit number onto [base-1, end].
+                            let delta = a.wrapping_sub((base - 1) as u16) as u64;
+                            if delta >= 1 && base - 1 + delta <= end {
+                                base += delta;
+                                advanced = true;
+                                break;
+                            }
+                            // Duplicate or stale: ignore (no Sorcerer's Apprentice).
+                        }
+                        ClientPacket::Error(code) => {
+                            return Err(format!("client sent ERROR {code}"))
+                        }
+                        ClientPacket::Other => {}
+                    },
+                    Err(e) if is_timeout(&e) => break,
+                    // ICMP port unreachable: the client is gone.
+                    Err(e) => return Err(format!("receive: {e}")),
+                }
+            }
+            if advanced {
+                tries = 0;
+            } else {
+                tries += 1;
+                if tries > self.retries {
+                    return Err(format!("no ACK for block {base} after {} tries", tries));
+                }
+            }
+        }
+        Ok(self.size)
+    }
+
+    /// Sends `pkt` until block `block` is acknowledged (used for the OACK).
+    fn await_ack(&self, pkt: &[u8], block: u16, rbuf: &mut [u8]) -> Result<(), String> {
+        for _ in 0..=self.retries {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err("server stopping".into());
+            }
+            self.send(pkt)?;
+            let deadline = Instant::now() + self.params.timeout;
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                self.sock
+                    .set_read_timeout(Some(deadline - now))
+                    .map_err(|e| e.to_string())?;
+                match self.sock.recv(rbuf) {
+                    Ok(n) => match packet::parse_client_packet(&rbuf[..n]) {
+                        ClientPacket::Ack(a) if a == block => return Ok(()),
+                        ClientPacket::Error(code) => {
+                            return Err(format!("client sent ERROR {code}"))
+                        }
+                        _ => {}
+                    },
+                    Err(e) if is_timeout(&e) => break,
+                    Err(e) => return Err(format!("receive: {e}")),
+                }
+            }
+        }
+        Err("no ACK for the OACK".into())
+    }
+
+    /// Writes DATA block `b` (1-based) into `pkt`; returns its length.
+    fn fill(&self, pkt: &mut [u8], b: u64, bs: u64) -> Result<usize, String> {
+        let offset = (b - 1) * bs;
+        let want = bs.min(self.size.saturating_sub(offset)) as usize;
+        pkt[0..2].copy_from_slice(&packet::opcode::DATA.to_be_bytes());
+        pkt[2..4].copy_from_slice(&(b as u16).to_be_bytes());
+        let mut got = 0;
+        while got < want {
+            match self
+                .file
+                .read_at(&mut pkt[4 + got..4 + want], offset + got as u64)
+            {
+                Ok(0) => break, // file shrank: send what there is
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        Ok(4 + got)
+    }
+
+    fn send(&self, pkt: &[u8]) -> Result<(), String> {
+        loop {
+            match self.sock.send(pkt) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Transient: the socket buffer is full; the window logic retries.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(()),
+                Err(e) => return Err(format!("send: {e}")),
+            }
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+#[cfg(test)]
+mod tests;
