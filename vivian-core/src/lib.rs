@@ -13,4 +13,5 @@
 pub mod config;
 pub mod marsdb;
 pub mod netboot;
+pub mod runner;
 pub mod state;
