@@ -11,7 +11,9 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod job;
 pub mod marsdb;
 pub mod netboot;
+pub mod protocol;
 pub mod runner;
 pub mod state;

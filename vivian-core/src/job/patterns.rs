@@ -1,0 +1,405 @@
+//! Console patterns (EX B.4) and the [`ConsoleMatcher`], a pure state
+//! machine fed with console bytes that reports what matched and computes the
+//! job's verdict.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use indexmap::IndexMap;
+use regex::bytes::Regex;
+use serde::Deserialize;
+
+use super::regex::compile_python_regex;
+use super::timeouts::WatchdogAction;
+use super::{JobError, JobStatus};
+
+/// The default `session_end` pattern: a kernel's power-down message.
+pub const DEFAULT_SESSION_END_REGEX: &str = r"^\[[\d \.]{12}\] reboot: Power Down$";
+
+/// Longest console line kept for matching; a longer run of bytes without a
+/// newline is matched as a line of its own so memory stays bounded.
+pub const MAX_LINE_LEN: usize = 64 * 1024;
+
+/// A compiled console pattern.
+#[derive(Clone)]
+pub struct Pattern {
+    source: String,
+    regex: Regex,
+}
+
+impl Pattern {
+    /// Compiles `source` with Python bytes-regex semantics. The error names
+    /// the pattern, as in the reference: "Console pattern '<re>' is not a
+    /// valid regular expression: <msg>".
+    pub fn new(source: &str) -> Result<Self, JobError> {
+        let regex = compile_python_regex(source).map_err(|e| JobError::InvalidRegex {
+            pattern: source.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Pattern {
+            source: source.to_string(),
+            regex,
+        })
+    }
+
+    /// The pattern as written in the job.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the pattern matches anywhere in `line` (Python `search`).
+    pub fn is_match(&self, line: &[u8]) -> bool {
+        self.regex.is_match(line)
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<ConsoleRegex: regex={}>", self.source)
+    }
+}
+
+/// A console watchdog: its three patterns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchdogPatterns {
+    /// Starts the watchdog's timeout.
+    pub start: Pattern,
+    /// Restarts its clock.
+    pub reset: Pattern,
+    /// Stops it.
+    pub stop: Pattern,
+}
+
+/// The validated `console_patterns` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsolePatterns {
+    /// Ends the session (default [`DEFAULT_SESSION_END_REGEX`]).
+    pub session_end: Pattern,
+    /// Requests a reboot into the `continue` deployment.
+    pub session_reboot: Option<Pattern>,
+    /// Defines PASS (matched) versus FAIL (not matched).
+    pub job_success: Option<Pattern>,
+    /// Turns a PASS into a WARN.
+    pub job_warn: Option<Pattern>,
+    /// Marks the DUT unfit for service at the end of the session.
+    pub machine_unfit_for_service: Option<Pattern>,
+    /// Watchdogs by name, in file order.
+    pub watchdogs: IndexMap<String, WatchdogPatterns>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatternWire {
+    regex: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WatchdogWire {
+    start: PatternWire,
+    reset: PatternWire,
+    stop: PatternWire,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConsolePatternsWire {
+    session_end: Option<PatternWire>,
+    session_reboot: Option<PatternWire>,
+    job_success: Option<PatternWire>,
+    job_warn: Option<PatternWire>,
+    machine_unfit_for_service: Option<PatternWire>,
+    watchdogs: Option<IndexMap<String, WatchdogWire>>,
+}
+
+impl ConsolePatternsWire {
+    pub(crate) fn validate(&self, default_unfit: Option<&str>) -> Result<ConsolePatterns, JobError> {
+        let opt = |p: &Option<PatternWire>| p.as_ref().map(|p| Pattern::new(&p.regex)).transpose();
+        let unfit = match &self.machine_unfit_for_service {
+            Some(p) => Some(Pattern::new(&p.regex)?),
+            None => default_unfit.map(Pattern::new).transpose()?,
+        };
+        let mut watchdogs = IndexMap::new();
+        for (name, wd) in self.watchdogs.iter().flatten() {
+            watchdogs.insert(
+                name.clone(),
+                WatchdogPatterns {
+                    start: Pattern::new(&wd.start.regex)?,
+                    reset: Pattern::new(&wd.reset.regex)?,
+                    stop: Pattern::new(&wd.stop.regex)?,
+                },
+            );
+        }
+        Ok(ConsolePatterns {
+            session_end: match &self.session_end {
+                Some(p) => Pattern::new(&p.regex)?,
+                None => Pattern::new(DEFAULT_SESSION_END_REGEX)?,
+            },
+            session_reboot: opt(&self.session_reboot)?,
+            job_success: opt(&self.job_success)?,
+            job_warn: opt(&self.job_warn)?,
+            machine_unfit_for_service: unfit,
+            watchdogs,
+        })
+    }
+}
+
+/// Something a console line triggered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleEvent {
+    /// `session_end` matched: the session is over.
+    SessionEnd,
+    /// `session_reboot` matched: reboot into the `continue` deployment.
+    SessionReboot,
+    /// `job_success` matched.
+    JobSuccess,
+    /// `job_warn` matched.
+    JobWarn,
+    /// `machine_unfit_for_service` matched (takes effect at session end).
+    MachineUnfitForService,
+    /// A watchdog pattern matched.
+    Watchdog {
+        /// The watchdog's name.
+        name: String,
+        /// What to do with its timeout.
+        action: WatchdogAction,
+    },
+}
+
+/// One console line that matched at least one pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineMatch {
+    /// The line, with its line ending.
+    pub line: Vec<u8>,
+    /// The names matched, in the reference's wording (`session_end`,
+    /// `job_success`, `<watchdog>.start`, ...), for the "Matched the
+    /// following patterns: a, b" control message.
+    pub patterns: Vec<String>,
+    /// What the runner must act upon.
+    pub events: Vec<ConsoleEvent>,
+}
+
+/// What one chunk of console bytes produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsoleFeed {
+    /// Whether the chunk counts as console activity (only once a chunk of
+    /// this boot contained a newline; after that any byte counts).
+    pub activity: bool,
+    /// The complete lines of the chunk that matched something.
+    pub matches: Vec<LineMatch>,
+}
+
+/// The console state of a job: it splits console bytes into lines, applies
+/// the patterns, accumulates what matched over the whole job and gives the
+/// verdict. It never reads a clock: watchdog events are reported for the
+/// runner to apply to its [`Timeouts`](super::Timeouts).
+#[derive(Debug, Clone)]
+pub struct ConsoleMatcher {
+    patterns: ConsolePatterns,
+    armed_watchdogs: HashSet<String>,
+    running_watchdogs: HashSet<String>,
+    partial: Vec<u8>,
+    seen_newline: bool,
+    matched: Vec<String>,
+    session_ended: bool,
+    reboot_requested: bool,
+    success: bool,
+    warn: bool,
+    unfit: bool,
+}
+
+impl ConsoleMatcher {
+    /// A matcher for `patterns`. `armed_watchdogs` lists the watchdogs that
+    /// have a timeout (`timeouts.watchdogs.<name>`); the others are inert.
+    pub fn new<I, S>(patterns: ConsolePatterns, armed_watchdogs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ConsoleMatcher {
+            patterns,
+            armed_watchdogs: armed_watchdogs.into_iter().map(Into::into).collect(),
+            running_watchdogs: HashSet::new(),
+            partial: Vec::new(),
+            seen_newline: false,
+            matched: Vec::new(),
+            session_ended: false,
+            reboot_requested: false,
+            success: false,
+            warn: false,
+            unfit: false,
+        }
+    }
+
+    /// The patterns in use.
+    pub fn patterns(&self) -> &ConsolePatterns {
+        &self.patterns
+    }
+
+    /// Starts a new boot: clears the reboot request, cancels the watchdogs
+    /// and waits again for a newline before counting activity.
+    pub fn reset_per_boot(&mut self) {
+        self.reboot_requested = false;
+        self.running_watchdogs.clear();
+        self.seen_newline = false;
+    }
+
+    /// Feeds console bytes; complete lines are matched, a trailing partial
+    /// line is kept for the next call.
+    pub fn feed(&mut self, data: &[u8]) -> ConsoleFeed {
+        let mut out = ConsoleFeed::default();
+        if data.contains(&b'\n') {
+            self.seen_newline = true;
+        }
+        out.activity = self.seen_newline && !data.is_empty();
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = MAX_LINE_LEN.saturating_sub(self.partial.len()).max(1);
+            let window = &rest[..rest.len().min(room)];
+            match window.iter().position(|&b| b == b'\n') {
+                Some(pos) => {
+                    self.partial.extend_from_slice(&rest[..=pos]);
+                    rest = &rest[pos + 1..];
+                }
+                None if window.len() == room => {
+                    self.partial.extend_from_slice(window);
+                    rest = &rest[window.len()..];
+                }
+                None => {
+                    self.partial.extend_from_slice(rest);
+                    break;
+                }
+            }
+            let line = std::mem::take(&mut self.partial);
+            if let Some(m) = self.process_line(line) {
+                out.matches.push(m);
+            }
+        }
+        out
+    }
+
+    /// Matches one complete line (normally called by [`feed`](Self::feed)).
+    pub fn process_line(&mut self, line: Vec<u8>) -> Option<LineMatch> {
+        let mut patterns = Vec::new();
+        let mut events = Vec::new();
+        let p = &self.patterns;
+        if p.session_end.is_match(&line) {
+            self.session_ended = true;
+            patterns.push("session_end".to_string());
+            events.push(ConsoleEvent::SessionEnd);
+        }
+        if p.session_reboot.as_ref().is_some_and(|r| r.is_match(&line)) {
+            self.reboot_requested = true;
+            patterns.push("session_reboot".to_string());
+            events.push(ConsoleEvent::SessionReboot);
+        }
+        if p.job_success.as_ref().is_some_and(|r| r.is_match(&line)) {
+            self.success = true;
+            patterns.push("job_success".to_string());
+            events.push(ConsoleEvent::JobSuccess);
+        }
+        if p.job_warn.as_ref().is_some_and(|r| r.is_match(&line)) {
+            self.warn = true;
+            patterns.push("job_warn".to_string());
+            events.push(ConsoleEvent::JobWarn);
+        }
+        if p.machine_unfit_for_service.as_ref().is_some_and(|r| r.is_match(&line)) {
+            self.unfit = true;
+            patterns.push("machine_unfit_for_service".to_string());
+            events.push(ConsoleEvent::MachineUnfitForService);
+        }
+        for (name, wd) in &p.watchdogs {
+            if !self.armed_watchdogs.contains(name) {
+                continue;
+            }
+            let mut fire = |action: WatchdogAction, suffix: &str| {
+                patterns.push(format!("{name}.{suffix}"));
+                events.push(ConsoleEvent::Watchdog {
+                    name: name.clone(),
+                    action,
+                });
+            };
+            if !self.running_watchdogs.contains(name) {
+                if wd.start.is_match(&line) {
+                    self.running_watchdogs.insert(name.clone());
+                    fire(WatchdogAction::Start, "start");
+                }
+            } else {
+                if wd.reset.is_match(&line) {
+                    fire(WatchdogAction::Reset, "reset");
+                }
+                if wd.stop.is_match(&line) {
+                    self.running_watchdogs.remove(name);
+                    fire(WatchdogAction::Stop, "stop");
+                }
+            }
+        }
+        if patterns.is_empty() {
+            return None;
+        }
+        for name in &patterns {
+            if !self.matched.contains(name) {
+                self.matched.push(name.clone());
+            }
+        }
+        Some(LineMatch {
+            line,
+            patterns,
+            events,
+        })
+    }
+
+    /// Every pattern name matched so far in the job, in first-match order.
+    pub fn matched(&self) -> &[String] {
+        &self.matched
+    }
+
+    /// Whether `session_end` matched.
+    pub fn session_ended(&self) -> bool {
+        self.session_ended
+    }
+
+    /// Whether `session_reboot` matched during this boot.
+    pub fn reboot_requested(&self) -> bool {
+        self.reboot_requested
+    }
+
+    /// Whether `machine_unfit_for_service` ever matched.
+    pub fn machine_unfit_for_service(&self) -> bool {
+        self.unfit
+    }
+
+    /// Whether the watchdog runs (its `start` matched and `stop` did not).
+    pub fn watchdog_running(&self, name: &str) -> bool {
+        self.running_watchdogs.contains(name)
+    }
+
+    /// The verdict (EX B.4): INCOMPLETE until `session_end` matched; then,
+    /// with a `job_success` pattern, PASS (WARN if `job_warn` ever matched)
+    /// or FAIL; without one, COMPLETE.
+    pub fn status(&self) -> JobStatus {
+        verdict(
+            self.session_ended,
+            self.patterns.job_success.is_some(),
+            self.success,
+            self.warn,
+        )
+    }
+}
+
+/// The verdict rules of EX B.4 as a pure function.
+pub fn verdict(session_ended: bool, has_success_pattern: bool, success: bool, warn: bool) -> JobStatus {
+    match (session_ended, has_success_pattern, success, warn) {
+        (false, ..) => JobStatus::Incomplete,
+        (true, false, ..) => JobStatus::Complete,
+        (true, true, false, _) => JobStatus::Fail,
+        (true, true, true, false) => JobStatus::Pass,
+        (true, true, true, true) => JobStatus::Warn,
+    }
+}
