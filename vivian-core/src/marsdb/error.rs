@@ -90,7 +90,9 @@ pub enum MarsDbError {
     /// The database file holds an edit that does not validate; writes are
     /// refused until it is fixed, so the admin's file is not overwritten.
     /// The REST layer maps it to 409.
-    #[error("the MarsDB file has an invalid edit, refusing to overwrite it until it is fixed: {0}")]
+    #[error(
+        "the MarsDB file has an invalid edit, refusing to overwrite it until it is fixed: {0}"
+    )]
     InvalidFile(ValidationError),
     /// The change closure itself refused; nothing was changed.
     #[error("change refused: {0}")]

@@ -117,10 +117,12 @@ impl FileMarsDb {
     /// I/O errors (unreadable file, missing folder, no watcher).
     pub async fn open(path: impl AsRef<Path>, opts: FileOptions) -> Result<Self, MarsDbError> {
         let path = std::path::absolute(path.as_ref()).map_err(|e| io_err(path.as_ref(), e))?;
-        let dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| io_err(&path, std::io::Error::other("the path has no parent folder")))?;
+        let dir = path.parent().map(Path::to_path_buf).ok_or_else(|| {
+            io_err(
+                &path,
+                std::io::Error::other("the path has no parent folder"),
+            )
+        })?;
         let file_name = path
             .file_name()
             .map(|n| n.to_os_string())
@@ -130,7 +132,10 @@ impl FileMarsDb {
         if let Some(ep) = &opts.vpdu_endpoint {
             initial.apply_vpdu_endpoint(ep);
         }
-        if !tokio::fs::try_exists(&path).await.map_err(|e| io_err(&path, e))? {
+        if !tokio::fs::try_exists(&path)
+            .await
+            .map_err(|e| io_err(&path, e))?
+        {
             let text = Database::new().to_yaml();
             let p = path.clone();
             tokio::task::spawn_blocking(move || write_atomic(&p, text.as_bytes()))
@@ -153,7 +158,10 @@ impl FileMarsDb {
         let weak = Arc::downgrade(&inner);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let relevant = match &res {
-                Ok(ev) => ev.paths.iter().any(|p| p.file_name() == Some(file_name.as_os_str())),
+                Ok(ev) => ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name() == Some(file_name.as_os_str())),
                 Err(_) => true,
             };
             if relevant {
@@ -279,8 +287,10 @@ impl Inner {
                     },
                 )
             }
-            Err(e) => Err(ValidationError::new("", format!("the file is not UTF-8 text: {e}"))
-                .with_file(&self.path)),
+            Err(e) => Err(
+                ValidationError::new("", format!("the file is not UTF-8 text: {e}"))
+                    .with_file(&self.path),
+            ),
         };
         *disk = Some(bytes);
         match result {

@@ -34,7 +34,10 @@ impl MemoryMarsDb {
 
     /// A backend holding `db`, after checking it with
     /// [`Database::validate`] and `validator`.
-    pub fn with_validator(db: Database, validator: Option<Validator>) -> Result<Self, ValidationError> {
+    pub fn with_validator(
+        db: Database,
+        validator: Option<Validator>,
+    ) -> Result<Self, ValidationError> {
         db.validate()?;
         if let Some(v) = &validator {
             v(&db)?;

@@ -101,8 +101,19 @@ impl serde::Serialize for MacAddr {
 
 impl<'de> serde::Deserialize<'de> for MacAddr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        // A visitor (not a parse after the fact) so that the format can
+        // attach the location of the offending node to the error.
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = MacAddr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a MAC address")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MacAddr, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -199,7 +210,9 @@ impl<'de> serde::Deserialize<'de> for PortId {
 }
 
 /// The three places a GitLab runner can be registered in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RunnerType {
     /// A runner available to the whole instance (needs an admin token).

@@ -23,6 +23,7 @@ use super::types::{
 /// The whole file.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename = "MarsDb")]
 pub(crate) struct WireDb {
     #[serde(default, deserialize_with = "unique_map")]
     pub pdus: IndexMap<String, WirePdu>,
@@ -35,6 +36,7 @@ pub(crate) struct WireDb {
 /// `pdus.<name>`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename = "Pdu")]
 pub(crate) struct WirePdu {
     pub driver: String,
     pub config: PduConfig,
@@ -45,6 +47,7 @@ pub(crate) struct WirePdu {
 /// `duts.<id>`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename = "Dut")]
 pub(crate) struct WireDut {
     pub base_name: String,
     pub ip_address: Ipv4Addr,
@@ -76,6 +79,7 @@ pub(crate) struct WireDut {
 /// A runner entry (`duts.<id>.gitlab.<instance>`, `gitlab.<n>.gateway_runner`).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename = "GitlabRunner")]
 pub(crate) struct WireRunner {
     #[serde(default = "placeholder_token")]
     pub token: String,
@@ -88,6 +92,7 @@ pub(crate) struct WireRunner {
 /// `gitlab.<name>`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[serde(rename = "GitlabInstance")]
 pub(crate) struct WireGitlab {
     pub url: String,
     #[serde(default)]
@@ -170,13 +175,22 @@ impl Serialize for Timestamp {
 
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        match Timestamp::parse(&s) {
-            Some(dt) => Ok(Timestamp(dt.trunc_subsecs(6))),
-            None => Err(de::Error::custom(format!(
-                "invalid date {s:?}: expected YYYY-MM-DD HH:MM:SS[.ffffff]"
-            ))),
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a date and time (YYYY-MM-DD HH:MM:SS[.ffffff])")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Timestamp, E> {
+                match Timestamp::parse(s) {
+                    Some(dt) => Ok(Timestamp(dt.trunc_subsecs(6))),
+                    None => Err(E::custom(format!(
+                        "invalid date {s:?}: expected YYYY-MM-DD HH:MM:SS[.ffffff]"
+                    ))),
+                }
+            }
         }
+        d.deserialize_str(V)
     }
 }
 
@@ -410,8 +424,7 @@ pub(crate) fn yaml_error(e: &serde_yaml::Error) -> ValidationError {
     }
     let mut path = String::new();
     for top in ["pdus", "duts", "gitlab"] {
-        if msg.starts_with(top)
-            && matches!(msg.as_bytes().get(top.len()), Some(b'.') | Some(b':'))
+        if msg.starts_with(top) && matches!(msg.as_bytes().get(top.len()), Some(b'.') | Some(b':'))
         {
             if let Some(i) = msg.find(": ") {
                 path = msg[..i].to_string();

@@ -36,7 +36,15 @@ pub(crate) fn parse(
         Some(f) => e.with_file(f),
         None => e,
     };
-    let wire: WireDb = serde_yaml::from_str(text).map_err(|e| with_file(yaml_error(&e)))?;
+    let wire: WireDb = serde_yaml::from_str(text).map_err(|e| {
+        // The schema error may come before a syntax error further down;
+        // report the syntax error first, it is the one to fix.
+        let first = match serde_yaml::from_str::<IgnoredAny>(text) {
+            Err(syntax) => syntax,
+            Ok(_) => e,
+        };
+        with_file(yaml_error(&first))
+    })?;
     let mut db = wire.into_domain(previous, now_micros());
     if let Some(ep) = opts.vpdu_endpoint {
         db.apply_vpdu_endpoint(ep);
@@ -398,7 +406,13 @@ mod tests {
             let back: String = serde_yaml::from_str(&q).unwrap();
             assert_eq!(back, s);
         }
-        for s in ["de:ad:be:ef:ca:fe", "gfx9", "amdgpu:pciid:0x1002:0x1636", "ttyUSB0", "10.0.0.2"] {
+        for s in [
+            "de:ad:be:ef:ca:fe",
+            "gfx9",
+            "amdgpu:pciid:0x1002:0x1636",
+            "ttyUSB0",
+            "10.0.0.2",
+        ] {
             assert_eq!(quote(s), s);
         }
         let multi = "two\nlines";
@@ -412,7 +426,10 @@ mod tests {
         assert_eq!(n(30.0), "30.0");
         assert_eq!(n(0.1), "0.1");
         let big = n(1e20);
-        assert!(yaml11_implicit().is_match(&big) && big.contains('.'), "{big}");
+        assert!(
+            yaml11_implicit().is_match(&big) && big.contains('.'),
+            "{big}"
+        );
         let back: f64 = serde_yaml::from_str(&big).unwrap();
         assert_eq!(back, 1e20);
     }
