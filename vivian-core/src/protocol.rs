@@ -42,7 +42,8 @@ pub const MIME_JOB: &str = "application/x-yaml";
 pub const MIME_TARBALL: &str = "application/octet-stream";
 
 /// The reference's message for a connection closed inside a frame.
-pub const EOF_MID_FRAME: &str = "The connection got interrupted before receiving the end of the message";
+pub const EOF_MID_FRAME: &str =
+    "The connection got interrupted before receiving the end of the message";
 
 /// Why a frame or message could not be decoded or encoded.
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +243,8 @@ impl Message {
             }),
             Payload::JobIo(data) => Value::String(base85::encode(data)),
             Payload::SessionEnd(s) => {
-                let mut m = json!({"status": s.status.as_str(), "joules_consumed": s.joules_consumed});
+                let mut m =
+                    json!({"status": s.status.as_str(), "joules_consumed": s.joules_consumed});
                 if let (Some(b), Some(obj)) = (&s.job_bucket, m.as_object_mut()) {
                     obj.insert(
                         "job_bucket".into(),
@@ -271,8 +273,11 @@ impl Message {
     /// Decodes the JSON document of one frame.
     pub fn decode(json: &[u8]) -> Result<Message, ProtocolError> {
         let malformed = |m: &str| ProtocolError::Malformed(m.to_string());
-        let doc: Value = serde_json::from_slice(json).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-        let obj = doc.as_object().ok_or_else(|| malformed("the message is not a JSON object"))?;
+        let doc: Value =
+            serde_json::from_slice(json).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        let obj = doc
+            .as_object()
+            .ok_or_else(|| malformed("the message is not a JSON object"))?;
         let msg_type = obj
             .get("msg_type")
             .and_then(Value::as_str)
@@ -287,7 +292,9 @@ impl Message {
         let payload = obj.get("payload").unwrap_or(&Value::Null);
         let payload = match msg_type {
             "ctrl" => {
-                let p = payload.as_object().ok_or_else(|| malformed("ctrl payload is not an object"))?;
+                let p = payload
+                    .as_object()
+                    .ok_or_else(|| malformed("ctrl payload is not an object"))?;
                 let msg = p
                     .get("msg")
                     .and_then(Value::as_str)
@@ -305,7 +312,11 @@ impl Message {
                     .and_then(|t| u32::try_from(t).ok())
                     .filter(|t| tag::ALL.contains(t))
                     .unwrap_or(tag::NO_TAG);
-                let metadata = p.get("metadata").and_then(Value::as_object).cloned().unwrap_or_default();
+                let metadata = p
+                    .get("metadata")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
                 Payload::Control(ControlMessage {
                     msg: msg.to_string(),
                     severity,
@@ -314,21 +325,26 @@ impl Message {
                 })
             }
             "job_io" => {
-                let text = payload.as_str().ok_or_else(|| malformed("job_io payload is not a string"))?;
+                let text = payload
+                    .as_str()
+                    .ok_or_else(|| malformed("job_io payload is not a string"))?;
                 Payload::JobIo(base85::decode(text)?)
             }
             "session_end" => {
                 let p = payload
                     .as_object()
                     .ok_or_else(|| malformed("session_end payload is not an object"))?;
-                let status = p.get("status").and_then(Value::as_str).map(JobStatus::from_name).unwrap_or(JobStatus::Unknown);
+                let status = p
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .map(JobStatus::from_name)
+                    .unwrap_or(JobStatus::Unknown);
                 let joules_consumed = p.get("joules_consumed").and_then(Value::as_f64);
                 let job_bucket = match p.get("job_bucket") {
                     None | Some(Value::Null) => None,
-                    Some(b) => Some(
-                        serde_json::from_value(b.clone())
-                            .map_err(|e| ProtocolError::Malformed(format!("invalid job_bucket: {e}")))?,
-                    ),
+                    Some(b) => Some(serde_json::from_value(b.clone()).map_err(|e| {
+                        ProtocolError::Malformed(format!("invalid job_bucket: {e}"))
+                    })?),
                 };
                 Payload::SessionEnd(SessionEnd {
                     status,
@@ -357,14 +373,22 @@ fn python_isoformat(d: &DateTime<Utc>) -> String {
 fn python_json(v: &Value) -> Vec<u8> {
     struct PyFormatter;
     impl serde_json::ser::Formatter for PyFormatter {
-        fn begin_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        fn begin_array_value<W: ?Sized + io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> io::Result<()> {
             if first {
                 Ok(())
             } else {
                 w.write_all(b", ")
             }
         }
-        fn begin_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        fn begin_object_key<W: ?Sized + io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> io::Result<()> {
             if first {
                 Ok(())
             } else {
@@ -374,7 +398,11 @@ fn python_json(v: &Value) -> Vec<u8> {
         fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
             w.write_all(b": ")
         }
-        fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
+        fn write_string_fragment<W: ?Sized + io::Write>(
+            &mut self,
+            w: &mut W,
+            fragment: &str,
+        ) -> io::Result<()> {
             for c in fragment.chars() {
                 if c.is_ascii() {
                     w.write_all(&[c as u8])?;
@@ -456,7 +484,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
     while got < 4 {
         let n = r.read(&mut header[got..]).await?;
         if n == 0 {
-            return if got == 0 { Ok(None) } else { Err(ProtocolError::Truncated) };
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(ProtocolError::Truncated)
+            };
         }
         got += n;
     }
@@ -473,7 +505,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
 }
 
 /// Reads and decodes one message; `Ok(None)` on a clean end of stream.
-pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, ProtocolError> {
+pub async fn read_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<Message>, ProtocolError> {
     match read_frame(r).await? {
         Some(f) => Message::decode(&f).map(Some),
         None => Ok(None),
@@ -481,7 +515,10 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Mess
 }
 
 /// Encodes and writes one message (and flushes).
-pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<(), ProtocolError> {
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &Message,
+) -> Result<(), ProtocolError> {
     w.write_all(&msg.encode()?).await?;
     w.flush().await?;
     Ok(())
@@ -529,11 +566,15 @@ mod optional_credentials {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MinioCredentials>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<MinioCredentials>, D::Error> {
         match Option::<Map<String, Value>>::deserialize(d)? {
             None => Ok(None),
             Some(m) if m.is_empty() => Ok(None),
-            Some(m) => serde_json::from_value(Value::Object(m)).map(Some).map_err(serde::de::Error::custom),
+            Some(m) => serde_json::from_value(Value::Object(m))
+                .map(Some)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -585,7 +626,11 @@ pub struct SubmissionMetadata {
     #[serde(default)]
     pub minio: MinioRequest,
     /// Environment forwarded by the client (V2025).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub environ: BTreeMap<String, String>,
     /// Cookie of a job source (V2025).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -717,7 +762,11 @@ pub mod base85 {
                 acc = acc * 85 + v as u64;
             }
             let word = u32::try_from(acc).map_err(|_| Base85Error::Overflow(start))?;
-            let keep = if chunk.len() == 5 { 4 } else { chunk.len().saturating_sub(1) };
+            let keep = if chunk.len() == 5 {
+                4
+            } else {
+                chunk.len().saturating_sub(1)
+            };
             out.extend_from_slice(&word.to_be_bytes()[..keep]);
         }
         Ok(out)
@@ -739,7 +788,14 @@ mod tests {
         d.push(&vector[10..]);
         let m = d.next_message().unwrap().unwrap();
         assert_eq!(m.date, DateTime::<Utc>::UNIX_EPOCH);
-        assert_eq!(m.payload, Payload::SessionEnd(SessionEnd { status: JobStatus::Pass, joules_consumed: None, job_bucket: None }));
+        assert_eq!(
+            m.payload,
+            Payload::SessionEnd(SessionEnd {
+                status: JobStatus::Pass,
+                joules_consumed: None,
+                job_bucket: None
+            })
+        );
         d.finish().unwrap();
     }
 
@@ -759,14 +815,18 @@ mod tests {
     fn hostile_frames_are_errors() {
         let mut d = FrameDecoder::new();
         d.push(&[0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(d.next_frame(), Err(ProtocolError::FrameTooLarge(_))));
+        assert!(matches!(
+            d.next_frame(),
+            Err(ProtocolError::FrameTooLarge(_))
+        ));
         for bad in [&b"not json"[..], b"[]", b"{}", b"{\"msg_type\": \"ctrl\", \"date\": \"x\"}",
             b"{\"msg_type\": \"job_io\", \"date\": \"1970-01-01\", \"payload\": \"\\u00ff\"}",
             b"{\"msg_type\": \"ctrl\", \"date\": \"1970-01-01\", \"payload\": {\"msg\": \"a\", \"severity\": 9}}"] {
             let e = Message::decode(bad).unwrap_err();
             assert!(e.is_recoverable(), "{e}");
         }
-        let e = Message::decode(b"{\"msg_type\": \"hello\", \"date\": \"1970-01-01\"}").unwrap_err();
+        let e =
+            Message::decode(b"{\"msg_type\": \"hello\", \"date\": \"1970-01-01\"}").unwrap_err();
         assert!(matches!(e, ProtocolError::UnknownType(ref t) if t == "hello"));
     }
 
@@ -775,8 +835,14 @@ mod tests {
         assert_eq!(base85::encode(b""), "");
         assert_eq!(base85::decode("").unwrap(), b"");
         assert_eq!(base85::encode(b"\x00"), "00");
-        assert_eq!(base85::decode("~").unwrap_err(), base85::Base85Error::Overflow(0));
-        assert_eq!(base85::decode("0000\"").unwrap_err(), base85::Base85Error::BadCharacter(4));
+        assert_eq!(
+            base85::decode("~").unwrap_err(),
+            base85::Base85Error::Overflow(0)
+        );
+        assert_eq!(
+            base85::decode("0000\"").unwrap_err(),
+            base85::Base85Error::BadCharacter(4)
+        );
         for n in 0..40u8 {
             let data: Vec<u8> = (0..n).map(|i| i.wrapping_mul(37).wrapping_add(n)).collect();
             assert_eq!(base85::decode(&base85::encode(&data)).unwrap(), data);

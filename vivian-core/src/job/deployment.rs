@@ -63,10 +63,12 @@ impl Cmdline {
                     })
                 })
                 .collect(),
-            v => scalar_string(v).map(|s| vec![s]).ok_or_else(|| JobError::Invalid {
-                path: path.to_string(),
-                message: "expected a string or a list of strings".into(),
-            }),
+            v => scalar_string(v)
+                .map(|s| vec![s])
+                .ok_or_else(|| JobError::Invalid {
+                    path: path.to_string(),
+                    message: "expected a string or a list of strings".into(),
+                }),
         }
     }
 
@@ -89,7 +91,9 @@ impl Cmdline {
                     } else if name.starts_with(':') {
                         return Err(JobError::Invalid {
                             path: sub,
-                            message: format!("command line category names cannot start with ':' (got '{name}')"),
+                            message: format!(
+                                "command line category names cannot start with ':' (got '{name}')"
+                            ),
                         });
                     } else {
                         out.categories.insert(name.to_string(), items);
@@ -165,7 +169,16 @@ impl Fastboot {
         macro_rules! m {
             ($($f:ident),*) => { $( if o.$f.is_some() { self.$f = o.$f.clone(); } )* };
         }
-        m!(header_version, base, kernel_offset, ramdisk_offset, dtb_offset, tags_offset, board, pagesize);
+        m!(
+            header_version,
+            base,
+            kernel_offset,
+            ramdisk_offset,
+            dtb_offset,
+            tags_offset,
+            board,
+            pagesize
+        );
     }
 }
 
@@ -226,11 +239,28 @@ pub(crate) struct StorageWire {
     http: Option<Vec<HttpItemWire>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+/// One artifact or a list of them.
+#[derive(Debug, Clone)]
 pub(crate) enum OneOrMany {
     One(ArtifactWire),
     Many(Vec<ArtifactWire>),
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = Value::deserialize(d)?;
+        match v {
+            Value::Sequence(_) => serde_yaml::from_value(v).map(OneOrMany::Many),
+            Value::Mapping(_) => serde_yaml::from_value(v).map(OneOrMany::One),
+            _ => {
+                return Err(D::Error::custom(
+                    "expected an artifact {url: ...} or a list of artifacts",
+                ))
+            }
+        }
+        .map_err(D::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -282,7 +312,9 @@ fn artifacts(w: &OneOrMany, path: &str) -> Result<Vec<Artifact>, JobError> {
                 OneOrMany::One(_) => format!("{path}.url"),
                 OneOrMany::Many(_) => format!("{path}[{i}].url"),
             };
-            Ok(Artifact { url: check_url(&a.url, &p)? })
+            Ok(Artifact {
+                url: check_url(&a.url, &p)?,
+            })
         })
         .collect()
 }
@@ -357,11 +389,16 @@ mod tests {
     fn cmdline_forms() {
         assert_eq!(cl("a b").render(), "a b");
         assert_eq!(cl("[a, b]").render(), "a b");
-        assert_eq!(cl("{z: [z1], a: a1, ':uncategorised': [u], n: null}").render(), "a1 z1 u");
-        assert!(Cmdline::from_yaml(&serde_yaml::from_str("{':bad': x}").unwrap(), "k.cmdline")
-            .unwrap_err()
-            .to_string()
-            .contains("k.cmdline.:bad"));
+        assert_eq!(
+            cl("{z: [z1], a: a1, ':uncategorised': [u], n: null}").render(),
+            "a1 z1 u"
+        );
+        assert!(
+            Cmdline::from_yaml(&serde_yaml::from_str("{':bad': x}").unwrap(), "k.cmdline")
+                .unwrap_err()
+                .to_string()
+                .contains("k.cmdline.:bad")
+        );
     }
 
     #[test]
@@ -380,8 +417,14 @@ mod tests {
     #[test]
     fn urls() {
         assert_eq!(check_url(" http://h/k ", "p").unwrap(), "http://h/k");
-        assert!(check_url("ftp://h/k", "p").unwrap_err().to_string().contains("only http"));
-        assert!(check_url("http:///k", "p").unwrap_err().to_string().contains("malformed"));
+        assert!(check_url("ftp://h/k", "p")
+            .unwrap_err()
+            .to_string()
+            .contains("only http"));
+        assert!(check_url("http:///k", "p")
+            .unwrap_err()
+            .to_string()
+            .contains("malformed"));
         assert!(check_url("/k", "p").is_err());
     }
 }

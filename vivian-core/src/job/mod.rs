@@ -23,10 +23,12 @@ pub mod regex;
 pub mod template;
 pub mod timeouts;
 
-pub use deployment::{Artifact, Cmdline, Deployment, DeploymentState, Fastboot, HttpStorageItem, Kernel};
+pub use deployment::{
+    Artifact, Cmdline, Deployment, DeploymentState, Fastboot, HttpStorageItem, Kernel,
+};
 pub use patterns::{
-    verdict, ConsoleEvent, ConsoleFeed, ConsoleMatcher, ConsolePatterns, LineMatch, Pattern, WatchdogPatterns,
-    DEFAULT_SESSION_END_REGEX,
+    verdict, ConsoleEvent, ConsoleFeed, ConsoleMatcher, ConsolePatterns, LineMatch, Pattern,
+    WatchdogPatterns, DEFAULT_SESSION_END_REGEX,
 };
 pub use template::{JobBucketVars, MachineVars, TemplateVars};
 pub use timeouts::{RetryDecision, Timeout, TimeoutHit, TimeoutName, Timeouts, WatchdogAction};
@@ -172,12 +174,22 @@ impl Deadline {
         if let Ok(d) = DateTime::parse_from_rfc3339(t) {
             return Some(Deadline(d.with_timezone(&Utc)));
         }
-        for fmt in ["%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%.f%z"] {
+        for fmt in [
+            "%Y-%m-%d %H:%M:%S%.f%:z",
+            "%Y-%m-%dT%H:%M:%S%.f%:z",
+            "%Y-%m-%d %H:%M:%S%.f%z",
+            "%Y-%m-%dT%H:%M:%S%.f%z",
+        ] {
             if let Ok(d) = DateTime::parse_from_str(t, fmt) {
                 return Some(Deadline(d.with_timezone(&Utc)));
             }
         }
-        for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+        for fmt in [
+            "%Y-%m-%d %H:%M:%S%.f",
+            "%Y-%m-%dT%H:%M:%S%.f",
+            "%Y-%m-%d %H:%M",
+            "%Y-%m-%dT%H:%M",
+        ] {
             if let Ok(d) = NaiveDateTime::parse_from_str(t, fmt) {
                 return Some(Deadline(Utc.from_utc_datetime(&d)));
             }
@@ -206,7 +218,9 @@ impl ParseOptions {
     /// counts as unset).
     pub fn from_env() -> Self {
         ParseOptions {
-            default_machine_unfit_for_service: std::env::var(DEFAULT_UNFIT_ENV).ok().filter(|s| !s.is_empty()),
+            default_machine_unfit_for_service: std::env::var(DEFAULT_UNFIT_ENV)
+                .ok()
+                .filter(|s| !s.is_empty()),
         }
     }
 }
@@ -248,7 +262,11 @@ pub struct Job {
 
 impl Job {
     /// Renders `template` with `vars`, then parses it.
-    pub fn from_template(template: &str, vars: &TemplateVars, opts: &ParseOptions) -> Result<Job, JobError> {
+    pub fn from_template(
+        template: &str,
+        vars: &TemplateVars,
+        opts: &ParseOptions,
+    ) -> Result<Job, JobError> {
         Job::parse(&template::render(template, vars)?, opts)
     }
 
@@ -257,10 +275,15 @@ impl Job {
         let de = serde_yaml::Deserializer::from_str(yaml);
         let wire: JobWire = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            JobError::Schema {
-                path,
-                message: e.into_inner().to_string(),
+            let mut message = e.into_inner().to_string();
+            // serde_yaml prefixes the path of the enclosing map; ours is
+            // already in `path`.
+            if let Some((prefix, rest)) = message.split_once(": ") {
+                if path.starts_with(prefix) && !prefix.contains(' ') {
+                    message = rest.to_string();
+                }
             }
+            JobError::Schema { path, message }
         })?;
 
         let version = match wire.version {
@@ -284,7 +307,9 @@ impl Job {
                 };
                 Some(Deadline::parse(&text).ok_or_else(|| JobError::Invalid {
                     path: "deadline".into(),
-                    message: format!("'{text}' is not a date and time (expected e.g. \"2021-03-31 00:00:00\")"),
+                    message: format!(
+                        "'{text}' is not a date and time (expected e.g. \"2021-03-31 00:00:00\")"
+                    ),
                 })?)
             }
         };
@@ -336,6 +361,9 @@ impl Job {
     /// A fresh console matcher for this job; watchdogs without a timeout
     /// are inert.
     pub fn console_matcher(&self) -> ConsoleMatcher {
-        ConsoleMatcher::new(self.console_patterns.clone(), self.timeouts.watchdogs.keys().cloned())
+        ConsoleMatcher::new(
+            self.console_patterns.clone(),
+            self.timeouts.watchdogs.keys().cloned(),
+        )
     }
 }

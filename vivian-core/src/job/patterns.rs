@@ -119,7 +119,10 @@ pub(crate) struct ConsolePatternsWire {
 }
 
 impl ConsolePatternsWire {
-    pub(crate) fn validate(&self, default_unfit: Option<&str>) -> Result<ConsolePatterns, JobError> {
+    pub(crate) fn validate(
+        &self,
+        default_unfit: Option<&str>,
+    ) -> Result<ConsolePatterns, JobError> {
         let opt = |p: &Option<PatternWire>| p.as_ref().map(|p| Pattern::new(&p.regex)).transpose();
         let unfit = match &self.machine_unfit_for_service {
             Some(p) => Some(Pattern::new(&p.regex)?),
@@ -309,7 +312,10 @@ impl ConsoleMatcher {
             patterns.push("job_warn".to_string());
             events.push(ConsoleEvent::JobWarn);
         }
-        if p.machine_unfit_for_service.as_ref().is_some_and(|r| r.is_match(&line)) {
+        if p.machine_unfit_for_service
+            .as_ref()
+            .is_some_and(|r| r.is_match(&line))
+        {
             self.unfit = true;
             patterns.push("machine_unfit_for_service".to_string());
             events.push(ConsoleEvent::MachineUnfitForService);
@@ -394,7 +400,12 @@ impl ConsoleMatcher {
 }
 
 /// The verdict rules of EX B.4 as a pure function.
-pub fn verdict(session_ended: bool, has_success_pattern: bool, success: bool, warn: bool) -> JobStatus {
+pub fn verdict(
+    session_ended: bool,
+    has_success_pattern: bool,
+    success: bool,
+    warn: bool,
+) -> JobStatus {
     match (session_ended, has_success_pattern, success, warn) {
         (false, ..) => JobStatus::Incomplete,
         (true, false, ..) => JobStatus::Complete,

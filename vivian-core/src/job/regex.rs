@@ -152,7 +152,10 @@ mod tests {
         assert!(m("^JOB_RESULT=0\r$", b"JOB_RESULT=0\r\n"));
         assert!(m("^JOB_RESULT=0\r$", b"JOB_RESULT=0\r"));
         assert!(!m("^JOB_RESULT=0$", b"JOB_RESULT=0\r\n"));
-        assert!(m(r"^\[[\d \.]{12}\] reboot: Power Down$", b"[   12.345678] reboot: Power Down\n"));
+        assert!(m(
+            r"^\[[\d \.]{12}\] reboot: Power Down$",
+            b"[   12.345678] reboot: Power Down\n"
+        ));
         assert!(!m("^$", b"abc\n"));
         assert!(m("c\\Z", b"abc"));
         assert!(!m("c\\Z", b"abc\n"));

@@ -81,7 +81,10 @@ impl TemplateVars {
         v.set("machine_id", &machine.id);
         v.set("machine", machine);
         v.set("machine_tags", &machine.tags);
-        v.set("local_tty_device", machine.local_tty_device.as_deref().unwrap_or(""));
+        v.set(
+            "local_tty_device",
+            machine.local_tty_device.as_deref().unwrap_or(""),
+        );
         v.set("ready_for_service", machine.ready_for_service);
         v.set("minio_url", minio_url);
         if let Some(b) = bucket {
@@ -169,16 +172,25 @@ mod tests {
     #[test]
     fn undefined_variables_render_empty_and_chain() {
         let v = TemplateVars::new();
-        assert_eq!(render("a{{ nope }}b{{ nope.deeper.still }}c", &v).unwrap(), "abc");
+        assert_eq!(
+            render("a{{ nope }}b{{ nope.deeper.still }}c", &v).unwrap(),
+            "abc"
+        );
     }
 
     #[test]
     fn shebang_and_errors() {
         let mut v = TemplateVars::new();
         v.set("x", 3);
-        assert_eq!(render("#!jinja2\nx={{ x }}", &v).unwrap(), "x={{ x }}".replace("{{ x }}", "3"));
+        assert_eq!(
+            render("#!jinja2\nx={{ x }}", &v).unwrap(),
+            "x={{ x }}".replace("{{ x }}", "3")
+        );
         let e = render("a\n{{ x +}}", &v).unwrap_err();
-        assert!(matches!(e, JobError::Template { line: Some(2), .. }), "{e:?}");
+        assert!(
+            matches!(e, JobError::Template { line: Some(2), .. }),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -190,7 +202,13 @@ mod tests {
             ("EXECUTOR_JOB__MINIO_URL", "evil"),
             ("OTHER", "o"),
         ]);
-        assert_eq!(render("{{ntp_peer}} {{custom}} {{minio_url}} {{other}}", &v).unwrap(), "10.0.0.1 c http://m:9000 ");
-        assert_eq!(render("{{ machine_id }} {{ machine_tags }}", &v).unwrap(), "machine_id []");
+        assert_eq!(
+            render("{{ntp_peer}} {{custom}} {{minio_url}} {{other}}", &v).unwrap(),
+            "10.0.0.1 c http://m:9000 "
+        );
+        assert_eq!(
+            render("{{ machine_id }} {{ machine_tags }}", &v).unwrap(),
+            "machine_id []"
+        );
     }
 }

@@ -406,10 +406,13 @@ pub(crate) struct TimeoutsWire {
 }
 
 fn build(name: TimeoutName, wire: &TimeoutWire) -> Result<Timeout, JobError> {
-    let path = format!("timeouts.{}", match &name {
-        TimeoutName::Watchdog(n) => format!("watchdogs.{n}"),
-        other => other.to_string(),
-    });
+    let path = format!(
+        "timeouts.{}",
+        match &name {
+            TimeoutName::Watchdog(n) => format!("watchdogs.{n}"),
+            other => other.to_string(),
+        }
+    );
     let units = [
         (wire.days, 86400.0),
         (wire.hours, 3600.0),
@@ -431,10 +434,12 @@ fn build(name: TimeoutName, wire: &TimeoutWire) -> Result<Timeout, JobError> {
     }
     let duration = match total {
         None => None,
-        Some(secs) => Some(Duration::try_from_secs_f64(secs).map_err(|e| JobError::Invalid {
-            path: path.clone(),
-            message: format!("invalid duration: {e}"),
-        })?),
+        Some(secs) => Some(
+            Duration::try_from_secs_f64(secs).map_err(|e| JobError::Invalid {
+                path: path.clone(),
+                message: format!("invalid duration: {e}"),
+            })?,
+        ),
     };
     Ok(Timeout::new(name, duration, wire.retries.unwrap_or(0)))
 }
@@ -481,10 +486,16 @@ mod tests {
     fn expiry_is_strict() {
         let t0 = Instant::now();
         let mut t = Timeout::new(TimeoutName::BootCycle, Some(secs(10)), 1);
-        assert!(!t.has_expired(t0 + secs(100)), "a stopped timeout never expires");
+        assert!(
+            !t.has_expired(t0 + secs(100)),
+            "a stopped timeout never expires"
+        );
         t.start(t0);
         assert!(t.is_started());
-        assert!(!t.has_expired(t0 + secs(10)), "exactly at the limit is not expired");
+        assert!(
+            !t.has_expired(t0 + secs(10)),
+            "exactly at the limit is not expired"
+        );
         assert!(t.has_expired(t0 + secs(10) + Duration::from_millis(1)));
         assert_eq!(t.remaining(t0 + secs(4)), Some(secs(6)));
         t.reset(t0 + secs(5));
@@ -495,7 +506,10 @@ mod tests {
         assert!(t.retry());
         assert!(!t.retry());
         assert_eq!(t.retried(), 2);
-        assert_eq!(t.to_string(), "<Timeout boot_cycle: value=10s, retries=2/1>");
+        assert_eq!(
+            t.to_string(),
+            "<Timeout boot_cycle: value=10s, retries=2/1>"
+        );
     }
 
     #[test]
@@ -511,12 +525,19 @@ mod tests {
     fn boot_sequence_and_retries() {
         let t0 = Instant::now();
         let mut ts = Timeouts::default();
-        ts.first_console_activity = Timeout::new(TimeoutName::FirstConsoleActivity, Some(secs(45)), 1);
+        ts.first_console_activity =
+            Timeout::new(TimeoutName::FirstConsoleActivity, Some(secs(45)), 1);
         ts.console_activity = Timeout::new(TimeoutName::ConsoleActivity, Some(secs(15)), 0);
-        ts.watchdogs.insert("wd".into(), Timeout::new(TimeoutName::Watchdog("wd".into()), Some(secs(5)), 0));
+        ts.watchdogs.insert(
+            "wd".into(),
+            Timeout::new(TimeoutName::Watchdog("wd".into()), Some(secs(5)), 0),
+        );
         ts.on_job_start(t0);
         ts.on_power_on(t0);
-        assert_eq!(ts.next_expiry(), Some(t0 + secs(45) + Duration::from_millis(1)));
+        assert_eq!(
+            ts.next_expiry(),
+            Some(t0 + secs(45) + Duration::from_millis(1))
+        );
         assert!(ts.expired(t0 + secs(45)).is_empty());
         let exp = ts.expired(t0 + secs(46));
         assert_eq!(exp, vec![TimeoutName::FirstConsoleActivity]);
@@ -536,7 +557,12 @@ mod tests {
         let exp = ts.expired(t1 + secs(8));
         assert_eq!(exp, vec![TimeoutName::Watchdog("wd".into())]);
         let (d, hits) = ts.end_boot(&exp, false);
-        assert_eq!(d, RetryDecision::Abort { exhausted: vec![TimeoutName::Watchdog("wd".into())] });
+        assert_eq!(
+            d,
+            RetryDecision::Abort {
+                exhausted: vec![TimeoutName::Watchdog("wd".into())]
+            }
+        );
         assert!(!hits[0].is_retrying);
     }
 
@@ -547,7 +573,9 @@ mod tests {
         assert_eq!(ts.end_boot(&[], true).0, RetryDecision::Reboot);
         assert_eq!(
             ts.end_boot(&[], true).0,
-            RetryDecision::Abort { exhausted: vec![TimeoutName::BootCycle] }
+            RetryDecision::Abort {
+                exhausted: vec![TimeoutName::BootCycle]
+            }
         );
     }
 
@@ -555,7 +583,10 @@ mod tests {
     fn power_on_cancels_watchdogs_and_console_activity() {
         let t0 = Instant::now();
         let mut ts = Timeouts::default();
-        ts.watchdogs.insert("wd".into(), Timeout::new(TimeoutName::Watchdog("wd".into()), Some(secs(5)), 0));
+        ts.watchdogs.insert(
+            "wd".into(),
+            Timeout::new(TimeoutName::Watchdog("wd".into()), Some(secs(5)), 0),
+        );
         ts.apply_watchdog("wd", &WatchdogAction::Start, t0);
         ts.on_console_activity(t0);
         ts.on_power_on(t0 + secs(1));
