@@ -1,4 +1,128 @@
-fn main() {
-    eprintln!("executor: not implemented yet");
-    std::process::exit(1);
+//! `executor`: Vivian's service. It time-shares the farm's DUTs and serves
+//! the REST API.
+//!
+//! ```text
+//! executor                  serve (the default)
+//! executor serve            the same, spelled out
+//! executor --check-config   print the effective configuration and exit
+//! ```
+//!
+//! The configuration comes from the environment only (see
+//! `vivian_core::config`); it is parsed once, before anything else, and a bad
+//! value stops start-up with an error naming the variable.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vivian_core::config::{Config, ConfigError, ValueSource};
+
+/// Vivian executor: time-shares CI test machines (DUTs) of one farm.
+/// Configured through environment variables (FARM_NAME, MARS_DB_FILE, ...).
+#[derive(Debug, Parser)]
+#[command(name = "executor", version)]
+struct Cli {
+    /// Print the effective configuration (secrets masked) and exit: 0 when it
+    /// is valid, 1 with every error otherwise.
+    #[arg(long)]
+    check_config: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (the default when no command is given).
+    Serve,
+}
+
+/// Exit status for an invalid configuration.
+const EXIT_BAD_CONFIG: u8 = 1;
+/// Exit status for a failure after the configuration was accepted.
+const EXIT_FAILURE: u8 = 2;
+
+fn process_env() -> BTreeMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+/// Parses the process environment and checks the files it names.
+fn load_config() -> Result<Config, ConfigError> {
+    let config = Config::from_process_env()?;
+    config.check_files()?;
+    Ok(config)
+}
+
+fn print_config_error(e: &ConfigError) {
+    eprintln!("executor: invalid configuration:");
+    for err in &e.errors {
+        eprintln!("  {err}");
+    }
+}
+
+fn check_config() -> ExitCode {
+    let config = match load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(&e);
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let env = process_env();
+    println!("# Effective configuration of the Vivian executor (secrets masked)");
+    for entry in config.entries(&env) {
+        match entry.source {
+            ValueSource::Environment => println!("{}={}", entry.name, entry.value),
+            ValueSource::Default => println!("{}={}  # default", entry.name, entry.value),
+        }
+    }
+    for w in config.warnings(&env) {
+        eprintln!("executor: warning: {w}");
+    }
+    println!("# configuration OK");
+    ExitCode::SUCCESS
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    tracing::info!(farm = %config.farm_name, "configuration loaded");
+    anyhow::bail!(
+        "serving is not implemented yet in this build (the configuration for farm {:?} is valid; `executor --check-config` prints it)",
+        config.farm_name
+    )
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.check_config {
+        return check_config();
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(&e);
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    for w in config.warnings(&process_env()) {
+        tracing::warn!("{w}");
+    }
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("executor: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }

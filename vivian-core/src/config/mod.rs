@@ -780,6 +780,71 @@ impl Config {
         Config::from_env_map(&env)
     }
 
+    /// Checks the files the configuration names, as start-up needs them:
+    /// the job and gitlab-runner templates, when set, must be readable
+    /// regular files; the folder of `MARS_DB_FILE` must exist (the file
+    /// itself is created when missing); `MARS_DB_FILE`, when it exists,
+    /// must be a regular file. Returns every problem.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let templates = [
+            ("EXECUTOR_REGISTRATION_JOB", &self.executor_registration_job),
+            ("EXECUTOR_BOOTLOOP_JOB", &self.executor_bootloop_job),
+            ("GITLAB_CONF_TEMPLATE_FILE", &self.gitlab_conf_template_file),
+        ];
+        for (var, path) in templates {
+            let Some(path) = path else { continue };
+            let problem = match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => match std::fs::File::open(path) {
+                    Ok(_) => None,
+                    Err(e) => Some(format!("expected a readable template file ({e})")),
+                },
+                Ok(_) => Some("expected a template file (this is not a regular file)".to_string()),
+                Err(e) => Some(format!("expected a template file ({e})")),
+            };
+            if let Some(expected) = problem {
+                errors.push(EnvVarError::Invalid {
+                    var: var.into(),
+                    value: path.display().to_string(),
+                    expected,
+                });
+            }
+        }
+        let db = &self.mars_db_file;
+        let problem = match std::fs::metadata(db) {
+            Ok(m) if m.is_file() => None,
+            Ok(_) => {
+                Some("expected the path of a YAML file (this is not a regular file)".to_string())
+            }
+            Err(_) => {
+                let dir = db
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                if dir.is_dir() {
+                    None
+                } else {
+                    Some(format!(
+                        "expected a file in an existing folder ({} does not exist)",
+                        dir.display()
+                    ))
+                }
+            }
+        };
+        if let Some(expected) = problem {
+            errors.push(EnvVarError::Invalid {
+                var: "MARS_DB_FILE".into(),
+                value: db.display().to_string(),
+                expected,
+            });
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { errors })
+        }
+    }
+
     /// Whether Sergent Hartman (registration, training, quick checks) is
     /// enabled: `SERGENT_HARTMAN_BOOT_COUNT` is not negative.
     pub fn sergent_hartman_enabled(&self) -> bool {

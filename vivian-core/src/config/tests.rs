@@ -486,3 +486,57 @@ fn with_farm_name_gives_defaults() {
     assert_eq!(c.executor_port, 80);
     assert!(Config::with_farm_name("").is_err());
 }
+
+#[test]
+fn check_files_names_missing_templates_and_database_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = dir.path().join("register.yml.j2");
+    std::fs::write(&tpl, "version: 1\n").unwrap();
+    let d = dir.path().display().to_string();
+    let ok = Config::from_env_map(&with_farm(&[
+        ("EXECUTOR_REGISTRATION_JOB", tpl.to_str().unwrap()),
+        ("MARS_DB_FILE", &format!("{d}/mars_db.yaml")),
+    ]))
+    .unwrap();
+    ok.check_files().unwrap();
+
+    let bad = Config::from_env_map(&with_farm(&[
+        ("EXECUTOR_REGISTRATION_JOB", &format!("{d}/missing.j2")),
+        ("EXECUTOR_BOOTLOOP_JOB", &d),
+        ("MARS_DB_FILE", &format!("{d}/nope/mars_db.yaml")),
+    ]))
+    .unwrap();
+    let e = bad.check_files().unwrap_err();
+    let vars: Vec<&str> = e.errors.iter().map(EnvVarError::var).collect();
+    assert_eq!(
+        vars,
+        vec![
+            "EXECUTOR_REGISTRATION_JOB",
+            "EXECUTOR_BOOTLOOP_JOB",
+            "MARS_DB_FILE"
+        ]
+    );
+    let msgs: Vec<String> = e.errors.iter().map(|e| e.to_string()).collect();
+    assert!(
+        msgs[0].starts_with(&format!(
+            "EXECUTOR_REGISTRATION_JOB=\"{d}/missing.j2\": expected a template file ("
+        )),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[1].ends_with("expected a template file (this is not a regular file)"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[2].ends_with(&format!("({d}/nope does not exist)")),
+        "{msgs:?}"
+    );
+
+    // A folder where the database file should be.
+    let c = Config::from_env_map(&with_farm(&[("MARS_DB_FILE", &d)])).unwrap();
+    assert!(c
+        .check_files()
+        .unwrap_err()
+        .to_string()
+        .contains("not a regular file"));
+}
