@@ -186,7 +186,7 @@ mod tests {
             render("#!jinja2\nx={{ x }}", &v).unwrap(),
             "x={{ x }}".replace("{{ x }}", "3")
         );
-        let e = render("a\n{{ x +}}", &v).unwrap_err();
+        let e = render("a\n{% if %}", &v).unwrap_err();
         assert!(
             matches!(e, JobError::Template { line: Some(2), .. }),
             "{e:?}"

@@ -524,10 +524,15 @@ mod tests {
     #[test]
     fn boot_sequence_and_retries() {
         let t0 = Instant::now();
-        let mut ts = Timeouts::default();
-        ts.first_console_activity =
-            Timeout::new(TimeoutName::FirstConsoleActivity, Some(secs(45)), 1);
-        ts.console_activity = Timeout::new(TimeoutName::ConsoleActivity, Some(secs(15)), 0);
+        let mut ts = Timeouts {
+            first_console_activity: Timeout::new(
+                TimeoutName::FirstConsoleActivity,
+                Some(secs(45)),
+                1,
+            ),
+            console_activity: Timeout::new(TimeoutName::ConsoleActivity, Some(secs(15)), 0),
+            ..Default::default()
+        };
         ts.watchdogs.insert(
             "wd".into(),
             Timeout::new(TimeoutName::Watchdog("wd".into()), Some(secs(5)), 0),
@@ -568,8 +573,10 @@ mod tests {
 
     #[test]
     fn reboot_requests_consume_boot_cycle_retries() {
-        let mut ts = Timeouts::default();
-        ts.boot_cycle = Timeout::new(TimeoutName::BootCycle, None, 1);
+        let mut ts = Timeouts {
+            boot_cycle: Timeout::new(TimeoutName::BootCycle, None, 1),
+            ..Default::default()
+        };
         assert_eq!(ts.end_boot(&[], true).0, RetryDecision::Reboot);
         assert_eq!(
             ts.end_boot(&[], true).0,
