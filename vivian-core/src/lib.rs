@@ -12,11 +12,9 @@
 
 pub mod config;
 pub mod console;
-pub mod farm;
 pub mod job;
 pub mod marsdb;
 pub mod netboot;
-pub mod pdu;
 pub mod protocol;
 pub mod runner;
 pub mod state;
