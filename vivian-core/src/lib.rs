@@ -15,6 +15,7 @@ pub mod console;
 pub mod job;
 pub mod marsdb;
 pub mod netboot;
+pub mod pdu;
 pub mod protocol;
 pub mod runner;
 pub mod state;
