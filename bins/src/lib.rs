@@ -1,3 +1,4 @@
 //! Vivian's binaries share this library: the REST API routes (mountable by an
 //! embedding program) and the wiring of the executor.
 #![warn(missing_docs)]
+pub mod simdut;
