@@ -97,8 +97,7 @@ pub fn bind_udp(
             .map_err(|e| err(&format!("SO_BINDTODEVICE {dev}"), e))?;
     }
     s.bind(&addr.into()).map_err(|e| err("bind", e))?;
-    s.set_nonblocking(true)
-        .map_err(|e| err("O_NONBLOCK", e))?;
+    s.set_nonblocking(true).map_err(|e| err("O_NONBLOCK", e))?;
     Ok(s.into())
 }
 

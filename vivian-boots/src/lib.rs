@@ -114,6 +114,22 @@ impl BootsConfig {
             lease_time: dhcp::DEFAULT_LEASE_TIME,
         }
     }
+
+    /// The settings of the executor's configuration: `PRIVATE_INTERFACE`,
+    /// `BOOTS_TFTP_ROOT`, `EXECUTOR_URL`, `BOOTS_DHCP_IPv4_SOCKET_NAME`,
+    /// `BOOTS_TFTP_IPv4_SOCKET_NAME`, `BOOTS_DISABLE_SERVERS`.
+    pub fn from_config(config: &vivian_core::config::Config) -> Self {
+        BootsConfig {
+            dhcp_socket_name: config.boots_dhcp_ipv4_socket_name.clone(),
+            tftp_socket_name: config.boots_tftp_ipv4_socket_name.clone(),
+            disable_servers: config.boots_disable_servers,
+            ..BootsConfig::new(
+                &config.private_interface,
+                &config.boots_tftp_root,
+                config.executor_url.as_str(),
+            )
+        }
+    }
 }
 
 /// Where a server's socket comes from.

@@ -16,12 +16,15 @@
 //!   `BOOTS_DEFAULT_*` defaults) and [`render_ipxe_script`], the script served
 //!   at `/boot/<id>/boot.ipxe`.
 
-use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+
+use crate::config::{Arch, BootConfig, BootDefaults, Bootloader, MissingBootDefault, Platform};
+use crate::marsdb::{Database, MacAddr, MarsDb};
 
 /// A CPU architecture as reported by netboot firmware.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -182,61 +185,13 @@ impl ClientArch {
     }
 }
 
-/// A 48-bit Ethernet address, printed as lower-case `aa:bb:cc:dd:ee:ff`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HwAddr(pub [u8; 6]);
-
-impl fmt::Display for HwAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl fmt::Debug for HwAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl Serialize for HwAddr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl std::str::FromStr for HwAddr {
-    type Err = String;
-
-    /// Parses `aa:bb:cc:dd:ee:ff` or `aa-bb-cc-dd-ee-ff` (any case).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parts: Vec<&str> = s.split([':', '-']).collect();
-        if parts.len() != 6 {
-            return Err(format!("invalid MAC address {s:?}: expected 6 bytes"));
-        }
-        let mut out = [0u8; 6];
-        for (o, p) in out.iter_mut().zip(parts) {
-            if p.len() != 2 {
-                return Err(format!("invalid MAC address {s:?}: bad byte {p:?}"));
-            }
-            *o = u8::from_str_radix(p, 16)
-                .map_err(|_| format!("invalid MAC address {s:?}: bad byte {p:?}"))?;
-        }
-        Ok(HwAddr(out))
-    }
-}
-
 /// A DUT known to the farm database, as the boot servers need to see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnownDut {
     /// The DUT's id in MarsDB.
     pub id: String,
     /// Its MAC address.
-    pub mac: HwAddr,
+    pub mac: MacAddr,
     /// Its static IPv4 address, when MarsDB has one.
     pub ip: Option<Ipv4Addr>,
 }
@@ -248,7 +203,7 @@ pub struct KnownDut {
 /// every packet.
 pub trait DutLookup: Send + Sync {
     /// The DUT whose MAC address is `mac`, if any.
-    fn by_mac(&self, mac: HwAddr) -> Option<KnownDut>;
+    fn by_mac(&self, mac: MacAddr) -> Option<KnownDut>;
     /// The DUT whose static IP address is `ip`, if any.
     fn by_ip(&self, ip: Ipv4Addr) -> Option<KnownDut>;
 }
@@ -258,7 +213,7 @@ pub trait DutLookup: Send + Sync {
 pub struct StaticDuts(pub Vec<KnownDut>);
 
 impl DutLookup for StaticDuts {
-    fn by_mac(&self, mac: HwAddr) -> Option<KnownDut> {
+    fn by_mac(&self, mac: MacAddr) -> Option<KnownDut> {
         self.0.iter().find(|d| d.mac == mac).cloned()
     }
 
@@ -324,7 +279,7 @@ pub struct BootEvent {
     /// When the server answered.
     pub time: DateTime<Utc>,
     /// The client's MAC address.
-    pub mac: HwAddr,
+    pub mac: MacAddr,
     /// The DUT owning the MAC (or the TFTP client's IP), if known.
     pub dut_id: Option<String>,
     /// What happened.
@@ -356,6 +311,290 @@ impl BootEventSink for tokio::sync::mpsc::UnboundedSender<BootEvent> {
 /// A sink that drops every event.
 pub fn discard_events() -> Arc<dyn BootEventSink> {
     Arc::new(|_event: BootEvent| {})
+}
+
+/// A [`DutLookup`] over MarsDB: every DUT's MAC and static address, indexed
+/// once per database version (lookups are hash-map reads).
+pub struct MarsDbDuts {
+    db: Arc<dyn MarsDb>,
+    index: std::sync::Mutex<DutIndex>,
+}
+
+#[derive(Default)]
+struct DutIndex {
+    version: Option<Arc<Database>>,
+    by_mac: std::collections::HashMap<MacAddr, KnownDut>,
+    by_ip: std::collections::HashMap<Ipv4Addr, KnownDut>,
+}
+
+impl MarsDbDuts {
+    /// Looks DUTs up in `db`'s current snapshot.
+    pub fn new(db: Arc<dyn MarsDb>) -> Self {
+        MarsDbDuts {
+            db,
+            index: std::sync::Mutex::new(DutIndex::default()),
+        }
+    }
+
+    fn with_index<T>(&self, f: impl FnOnce(&DutIndex) -> T) -> T {
+        let snap = self.db.snapshot();
+        let mut idx = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if !idx.version.as_ref().is_some_and(|v| Arc::ptr_eq(v, &snap)) {
+            let mut by_mac = std::collections::HashMap::new();
+            let mut by_ip = std::collections::HashMap::new();
+            for (id, dut) in &snap.duts {
+                let known = KnownDut {
+                    id: id.to_string(),
+                    mac: dut.mac_address,
+                    ip: Some(dut.ip_address).filter(|ip| !ip.is_unspecified()),
+                };
+                if let Some(ip) = known.ip {
+                    by_ip.insert(ip, known.clone());
+                }
+                by_mac.insert(dut.mac_address, known);
+            }
+            *idx = DutIndex {
+                version: Some(snap),
+                by_mac,
+                by_ip,
+            };
+        }
+        f(&idx)
+    }
+}
+
+impl DutLookup for MarsDbDuts {
+    fn by_mac(&self, mac: MacAddr) -> Option<KnownDut> {
+        self.with_index(|i| i.by_mac.get(&mac).cloned())
+    }
+
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<KnownDut> {
+        self.with_index(|i| i.by_ip.get(&ip).cloned())
+    }
+}
+
+/// What the firmware (or the `boot.ipxe` URL's query) says about the
+/// machine asking for its boot configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootRequest {
+    /// The bootloader asking (`ipxe` for `boot.ipxe`).
+    pub bootloader: Bootloader,
+    /// `buildarch`, when known.
+    pub arch: Option<Arch>,
+    /// `platform`, when known.
+    pub platform: Option<Platform>,
+}
+
+impl BootRequest {
+    /// An iPXE request from the `boot.ipxe?platform=&buildarch=` query
+    /// values. Missing, empty or unknown values are `None`: the defaults
+    /// lookup then skips the candidates that need them (IN B.6).
+    pub fn ipxe(platform: Option<&str>, buildarch: Option<&str>) -> Self {
+        BootRequest {
+            bootloader: Bootloader::Ipxe,
+            arch: buildarch.and_then(|a| a.parse().ok()),
+            platform: platform.and_then(|p| p.parse().ok()),
+        }
+    }
+}
+
+/// A job's deployment: what it asked its DUT to boot. Missing kernel and
+/// initrd are taken from the defaults; a missing command line is empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Deployment {
+    /// Kernel URL.
+    pub kernel: Option<String>,
+    /// Initramfs URL.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+}
+
+/// Supplies the deployment of the job running on a DUT (implemented by the
+/// job engine).
+#[async_trait]
+pub trait DeploymentProvider: Send + Sync {
+    /// The deployment of the job running on DUT `dut_id`, if a job runs
+    /// there and has one.
+    async fn deployment(&self, dut_id: &str, request: &BootRequest) -> Option<Deployment>;
+}
+
+/// A [`DeploymentProvider`] with no running job: every DUT boots the defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoDeployments;
+
+#[async_trait]
+impl DeploymentProvider for NoDeployments {
+    async fn deployment(&self, _dut_id: &str, _request: &BootRequest) -> Option<Deployment> {
+        None
+    }
+}
+
+/// An in-memory [`DeploymentProvider`]: a map from DUT id to deployment.
+#[derive(Debug, Default)]
+pub struct MemoryDeployments(pub std::sync::Mutex<std::collections::HashMap<String, Deployment>>);
+
+impl MemoryDeployments {
+    /// Sets (or with `None` clears) the deployment of `dut_id`.
+    pub fn set(&self, dut_id: &str, deployment: Option<Deployment>) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match deployment {
+            Some(d) => m.insert(dut_id.to_string(), d),
+            None => m.remove(dut_id),
+        };
+    }
+}
+
+#[async_trait]
+impl DeploymentProvider for MemoryDeployments {
+    async fn deployment(&self, dut_id: &str, _request: &BootRequest) -> Option<Deployment> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(dut_id)
+            .cloned()
+    }
+}
+
+/// Why no boot configuration could be produced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetbootError {
+    /// A needed `BOOTS_DEFAULT_*` value is not set (the REST API answers 400).
+    #[error(transparent)]
+    MissingDefault(#[from] MissingBootDefault),
+}
+
+/// Decides what a machine boots and renders it for its bootloader.
+///
+/// Invariant: the boot configuration of a DUT running a job with a
+/// deployment is that deployment (kernel and initrd filled in from the
+/// defaults when the job leaves them out, the command line never
+/// defaulted); any other machine, known or not, gets the `BOOTS_DEFAULT_*`
+/// defaults for its bootloader, architecture and platform.
+#[async_trait]
+pub trait Netboot: Send + Sync {
+    /// The boot configuration of DUT `dut_id` (`None`: an unknown machine).
+    async fn boot_config(
+        &self,
+        dut_id: Option<&str>,
+        request: &BootRequest,
+    ) -> Result<BootConfig, NetbootError>;
+
+    /// The iPXE script of `/boot/<id>/boot.ipxe` (IN B.5).
+    async fn ipxe_script(
+        &self,
+        dut_id: Option<&str>,
+        request: &BootRequest,
+    ) -> Result<String, NetbootError> {
+        let config = self.boot_config(dut_id, request).await?;
+        Ok(render_ipxe_script(&config, request.platform))
+    }
+}
+
+/// The [`Netboot`] of the executor: job deployments first, then the
+/// `BOOTS_DEFAULT_*` lookup of the configuration.
+pub struct DefaultNetboot {
+    defaults: BootDefaults,
+    deployments: Arc<dyn DeploymentProvider>,
+}
+
+impl DefaultNetboot {
+    /// Uses `defaults` (from `Config::boots_defaults`) and the job engine's
+    /// `deployments`.
+    pub fn new(defaults: BootDefaults, deployments: Arc<dyn DeploymentProvider>) -> Self {
+        DefaultNetboot {
+            defaults,
+            deployments,
+        }
+    }
+}
+
+#[async_trait]
+impl Netboot for DefaultNetboot {
+    async fn boot_config(
+        &self,
+        dut_id: Option<&str>,
+        request: &BootRequest,
+    ) -> Result<BootConfig, NetbootError> {
+        use crate::config::BootItem;
+        let lookup = |item| {
+            self.defaults
+                .lookup(item, request.bootloader, request.arch, request.platform)
+                .map(str::to_string)
+        };
+        let deployment = match dut_id {
+            Some(id) => self.deployments.deployment(id, request).await,
+            None => None,
+        };
+        Ok(match deployment {
+            Some(d) => BootConfig {
+                kernel: match d.kernel {
+                    Some(k) => k,
+                    None => lookup(BootItem::Kernel)?,
+                },
+                initrd: match d.initrd {
+                    Some(i) => i,
+                    None => lookup(BootItem::Initrd)?,
+                },
+                cmdline: d.cmdline.unwrap_or_default(),
+            },
+            None => BootConfig {
+                kernel: lookup(BootItem::Kernel)?,
+                initrd: lookup(BootItem::Initrd)?,
+                cmdline: lookup(BootItem::Cmdline)?,
+            },
+        })
+    }
+}
+
+/// Escapes text for an iPXE command line: `;`, `&` and `|` become
+/// `${semicolon:string}`, `${ampersand:string}` and `${pipe:string}`
+/// (variables the script defines), and line breaks become spaces so a
+/// value can never start a new script line.
+pub fn escape_ipxe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            ';' => out.push_str("${semicolon:string}"),
+            '&' => out.push_str("${ampersand:string}"),
+            '|' => out.push_str("${pipe:string}"),
+            '\n' | '\r' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Renders the iPXE script of IN B.5 for `config`. The platform only
+/// matters for UEFI, where the kernel gets `initrd=initrd` (the EFI stub
+/// finds the initrd by name).
+pub fn render_ipxe_script(config: &BootConfig, platform: Option<Platform>) -> String {
+    let platform_args = if platform == Some(Platform::Efi) {
+        "initrd=initrd"
+    } else {
+        ""
+    };
+    format!(
+        "#!ipxe\n\
+         \n\
+         set semicolon:hex 3b\n\
+         set ampersand:hex 26\n\
+         set pipe:hex 7C\n\
+         \n\
+         echo\n\
+         \n\
+         echo Downloading the kernel\n\
+         kernel {kernel} {platform_args} {cmdline}\n\
+         \n\
+         echo Downloading the initrd\n\
+         initrd --name initrd {initrd}\n\
+         \n\
+         echo Booting!\n\
+         boot\n",
+        kernel = escape_ipxe(&config.kernel),
+        initrd = escape_ipxe(&config.initrd),
+        cmdline = escape_ipxe(&config.cmdline),
+    )
 }
 
 #[cfg(test)]
@@ -397,14 +636,117 @@ mod tests {
         }
     }
 
+    fn defaults() -> BootDefaults {
+        BootDefaults::from_vars([
+            ("BOOTS_DEFAULT_KERNEL", "/kernel"),
+            ("BOOTS_DEFAULT_INITRD", "/initrd"),
+            ("BOOTS_DEFAULT_CMDLINE", "cmdline"),
+            ("BOOTS_DEFAULT_IPXE_X86_64_EFI_KERNEL", "/k-efi"),
+            ("BOOTS_DEFAULT_ARM64_INITRD", "/i-arm64"),
+        ])
+    }
+
     #[test]
-    fn hwaddr_round_trip() {
-        let m: HwAddr = "52:54:00:AB:cd:0e".parse().unwrap();
-        assert_eq!(m.to_string(), "52:54:00:ab:cd:0e");
-        assert_eq!("52-54-00-ab-cd-0e".parse::<HwAddr>().unwrap(), m);
-        assert!("52:54:00:ab:cd".parse::<HwAddr>().is_err());
-        assert!("52:54:00:ab:cd:zz".parse::<HwAddr>().is_err());
-        assert!("52:54:00:ab:cd:0e0".parse::<HwAddr>().is_err());
+    fn script_format_and_escaping() {
+        let cfg = BootConfig {
+            kernel: "/kernel".into(),
+            initrd: "/initrd".into(),
+            cmdline: "platform_args cmdline".into(),
+        };
+        let s = render_ipxe_script(&cfg, Some(Platform::Pcbios));
+        assert_eq!(
+            s,
+            "#!ipxe\n\nset semicolon:hex 3b\nset ampersand:hex 26\nset pipe:hex 7C\n\necho\n\n\
+             echo Downloading the kernel\nkernel /kernel  platform_args cmdline\n\n\
+             echo Downloading the initrd\ninitrd --name initrd /initrd\n\necho Booting!\nboot\n"
+        );
+        let efi = render_ipxe_script(&cfg, Some(Platform::Efi));
+        assert!(efi.contains("kernel /kernel initrd=initrd platform_args cmdline\n"));
+        let cfg = BootConfig {
+            kernel: "http://h/k?a=1&b=2".into(),
+            initrd: "/i".into(),
+            cmdline: "a;b c&&d e|f\ninitrd evil".into(),
+        };
+        let s = render_ipxe_script(&cfg, None);
+        assert!(s.contains(
+            "kernel http://h/k?a=1${ampersand:string}b=2  a${semicolon:string}b \
+             c${ampersand:string}${ampersand:string}d e${pipe:string}f initrd evil\n"
+        ));
+        assert_eq!(s.lines().filter(|l| l.starts_with("initrd")).count(), 1);
+        assert_eq!(escape_ipxe(""), "");
+    }
+
+    #[tokio::test]
+    async fn deployment_then_defaults() {
+        let deployments = Arc::new(MemoryDeployments::default());
+        let nb = DefaultNetboot::new(defaults(), deployments.clone());
+        let efi = BootRequest::ipxe(Some("efi"), Some("x86_64"));
+        // Unknown machine and idle DUT: the defaults, most specific first.
+        for id in [None, Some("dut1")] {
+            let c = nb.boot_config(id, &efi).await.unwrap();
+            assert_eq!(
+                (c.kernel.as_str(), c.initrd.as_str()),
+                ("/k-efi", "/initrd")
+            );
+            assert_eq!(c.cmdline, "cmdline");
+        }
+        let arm = BootRequest::ipxe(Some("pcbios"), Some("arm64"));
+        assert_eq!(nb.boot_config(None, &arm).await.unwrap().initrd, "/i-arm64");
+        // Unknown query values skip the candidates needing them.
+        let odd = BootRequest::ipxe(Some("weird"), Some(""));
+        assert_eq!((odd.arch, odd.platform), (None, None));
+        assert_eq!(nb.boot_config(None, &odd).await.unwrap().kernel, "/kernel");
+        // A running job's deployment wins; its missing parts come from the
+        // defaults except the command line.
+        deployments.set(
+            "dut1",
+            Some(Deployment {
+                kernel: Some("http://job/k".into()),
+                initrd: None,
+                cmdline: None,
+            }),
+        );
+        let c = nb.boot_config(Some("dut1"), &efi).await.unwrap();
+        assert_eq!(c.kernel, "http://job/k");
+        assert_eq!(c.initrd, "/initrd");
+        assert_eq!(c.cmdline, "");
+        let script = nb.ipxe_script(Some("dut1"), &efi).await.unwrap();
+        assert!(script.contains("kernel http://job/k initrd=initrd \n"));
+        // Missing defaults are an error naming the variables.
+        let empty = DefaultNetboot::new(
+            BootDefaults::from_vars([("BOOTS_DEFAULT_KERNEL", "/k")]),
+            Arc::new(NoDeployments),
+        );
+        let err = empty.boot_config(None, &efi).await.unwrap_err().to_string();
+        assert!(
+            err.contains("initramfs") && err.contains("BOOTS_DEFAULT_INITRD"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn marsdb_lookup_follows_the_database() {
+        use crate::marsdb::{Dut, MarsDbExt, MemoryMarsDb};
+        let mac: MacAddr = "52:54:00:11:22:33".parse().unwrap();
+        let db = Arc::new(MemoryMarsDb::new(Database::new()));
+        let lookup = MarsDbDuts::new(db.clone());
+        assert_eq!(lookup.by_mac(mac), None);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(db.update(move |d: &mut Database| {
+            d.duts.insert(
+                mac,
+                Dut::new(mac, "virtio", Ipv4Addr::new(10, 42, 0, 10), vec![]),
+            );
+            Ok::<_, std::convert::Infallible>(())
+        }))
+        .unwrap();
+        let known = lookup.by_mac(mac).unwrap();
+        assert_eq!(known.id, "52:54:00:11:22:33");
+        assert_eq!(known.ip, Some(Ipv4Addr::new(10, 42, 0, 10)));
+        assert_eq!(lookup.by_ip(Ipv4Addr::new(10, 42, 0, 10)).unwrap().mac, mac);
+        assert_eq!(lookup.by_ip(Ipv4Addr::new(10, 42, 0, 11)), None);
     }
 
     #[test]
@@ -413,7 +755,7 @@ mod tests {
         let sink: Arc<dyn BootEventSink> = Arc::new(tx);
         let ev = BootEvent {
             time: Utc::now(),
-            mac: HwAddr([1, 2, 3, 4, 5, 6]),
+            mac: MacAddr([1, 2, 3, 4, 5, 6]),
             dut_id: None,
             kind: BootEventKind::UnknownNetbootRequest {
                 base_name: "x86-bios-tftp".into(),

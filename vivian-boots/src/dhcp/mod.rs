@@ -25,11 +25,12 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use vivian_core::netboot::{
     BootEvent, BootEventKind, BootEventSink, BootProtocol, ClientArch, CpuArch, DhcpMessage,
-    DutLookup, Firmware, HwAddr,
+    DutLookup, Firmware,
 };
 
 use crate::iface::NetworkSource;
 pub use packet::{parse_request, DhcpRequest, ParseError, Reply};
+use vivian_core::marsdb::MacAddr;
 
 /// Default lease time, as the reference: one day.
 pub const DEFAULT_LEASE_TIME: Duration = Duration::from_secs(86400);
@@ -57,22 +58,22 @@ struct Lease {
 /// know which MAC an IP address belongs to).
 #[derive(Debug, Default)]
 pub struct LeaseTable {
-    by_mac: HashMap<HwAddr, Lease>,
-    by_ip: HashMap<Ipv4Addr, HwAddr>,
+    by_mac: HashMap<MacAddr, Lease>,
+    by_ip: HashMap<Ipv4Addr, MacAddr>,
     /// Lowest address that may be free (allocation scans from here first).
     hint: u32,
 }
 
 impl LeaseTable {
     /// The MAC holding an unexpired lease on `ip`.
-    pub fn mac_of(&self, ip: Ipv4Addr, now: Instant) -> Option<HwAddr> {
+    pub fn mac_of(&self, ip: Ipv4Addr, now: Instant) -> Option<MacAddr> {
         let mac = *self.by_ip.get(&ip)?;
         let lease = self.by_mac.get(&mac)?;
         (lease.expires > now).then_some(mac)
     }
 
     /// The unexpired lease of `mac`.
-    pub fn ip_of(&self, mac: HwAddr, now: Instant) -> Option<Ipv4Addr> {
+    pub fn ip_of(&self, mac: MacAddr, now: Instant) -> Option<Ipv4Addr> {
         self.by_mac
             .get(&mac)
             .filter(|l| l.expires > now)
@@ -89,7 +90,7 @@ impl LeaseTable {
         self.by_mac.is_empty()
     }
 
-    fn insert(&mut self, mac: HwAddr, ip: Ipv4Addr, expires: Instant) {
+    fn insert(&mut self, mac: MacAddr, ip: Ipv4Addr, expires: Instant) {
         if let Some(old) = self.by_mac.insert(mac, Lease { ip, expires }) {
             if old.ip != ip && self.by_ip.get(&old.ip) == Some(&mac) {
                 self.by_ip.remove(&old.ip);
@@ -103,7 +104,7 @@ impl LeaseTable {
         }
     }
 
-    fn release(&mut self, mac: HwAddr) {
+    fn release(&mut self, mac: MacAddr) {
         if let Some(l) = self.by_mac.remove(&mac) {
             if self.by_ip.get(&l.ip) == Some(&mac) {
                 self.by_ip.remove(&l.ip);
@@ -113,7 +114,7 @@ impl LeaseTable {
     }
 
     /// True if `ip` is held by another MAC's unexpired lease.
-    fn taken_by_other(&self, ip: Ipv4Addr, mac: HwAddr, now: Instant) -> bool {
+    fn taken_by_other(&self, ip: Ipv4Addr, mac: MacAddr, now: Instant) -> bool {
         matches!(self.mac_of(ip, now), Some(m) if m != mac)
     }
 }
@@ -310,14 +311,14 @@ impl DhcpEngine {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn is_static_elsewhere(&self, ip: Ipv4Addr, mac: HwAddr) -> bool {
+    fn is_static_elsewhere(&self, ip: Ipv4Addr, mac: MacAddr) -> bool {
         self.duts.by_ip(ip).is_some_and(|d| d.mac != mac)
     }
 
     fn can_lease(
         &self,
         leases: &LeaseTable,
-        mac: HwAddr,
+        mac: MacAddr,
         ip: Ipv4Addr,
         net: Subnet,
         now: Instant,
@@ -330,7 +331,7 @@ impl DhcpEngine {
     fn choose(
         &self,
         leases: &mut LeaseTable,
-        mac: HwAddr,
+        mac: MacAddr,
         static_ip: Option<Ipv4Addr>,
         requested: Option<Ipv4Addr>,
         net: Subnet,

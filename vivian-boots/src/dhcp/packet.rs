@@ -16,7 +16,7 @@ use dhcproto::v4::{
 };
 use dhcproto::Decodable;
 use dhcproto::Decoder;
-use vivian_core::netboot::HwAddr;
+use vivian_core::marsdb::MacAddr;
 
 /// Size of the BOOTP header including the magic cookie.
 pub const HEADER_LEN: usize = 240;
@@ -75,7 +75,7 @@ pub struct DhcpRequest {
     /// The full 16-byte `chaddr` field, echoed in replies.
     pub chaddr: [u8; 16],
     /// The client's MAC (first 6 bytes of `chaddr`).
-    pub mac: HwAddr,
+    pub mac: MacAddr,
     /// Option 50.
     pub requested_ip: Option<Ipv4Addr>,
     /// Option 54.
@@ -159,7 +159,7 @@ pub fn parse_request(buf: &[u8]) -> Result<DhcpRequest, ParseError> {
         giaddr: header.giaddr(),
         hops: buf[3],
         chaddr,
-        mac: HwAddr(mac),
+        mac: MacAddr(mac),
         requested_ip: None,
         server_id: None,
         parameter_request_list: Vec::new(),
@@ -378,7 +378,10 @@ mod tests {
                 (94, &[1, 2, 1]),
                 (60, b"PXEClient:Arch:00000:UNDI:002001"),
                 (77, b"iPXE"),
-                (55, &[1, 3, 6, 7, 12, 15, 17, 26, 43, 60, 66, 67, 119, 128, 175]),
+                (
+                    55,
+                    &[1, 3, 6, 7, 12, 15, 17, 26, 43, 60, 66, 67, 119, 128, 175],
+                ),
             ],
         );
         let r = parse_request(&pkt).unwrap();

@@ -64,7 +64,7 @@ fn fixture(duts: Vec<KnownDut>, files: &[&str]) -> Fixture {
 fn dut(id: &str, mac: [u8; 6], ip: Option<[u8; 4]>) -> KnownDut {
     KnownDut {
         id: id.into(),
-        mac: HwAddr(mac),
+        mac: MacAddr(mac),
         ip: ip.map(Ipv4Addr::from),
     }
 }
@@ -73,17 +73,29 @@ fn dut(id: &str, mac: [u8; 6], ip: Option<[u8; 4]>) -> KnownDut {
 fn static_address_for_a_marsdb_dut_dynamic_for_others() {
     let f = fixture(vec![dut("dut1", [2; 6], Some([10, 42, 0, 50]))], &[]);
     let now = Instant::now();
-    let a = f.engine.handle(&packet([2; 6], &[(53, &[1])]), net(), now).unwrap();
+    let a = f
+        .engine
+        .handle(&packet([2; 6], &[(53, &[1])]), net(), now)
+        .unwrap();
     assert_eq!(a.reply.message_type, MessageType::Offer);
     assert_eq!(a.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 50));
     assert_eq!(a.to, SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
     // Another client gets the lowest free address: .1 is the server.
-    let b = f.engine.handle(&packet([3; 6], &[(53, &[1])]), net(), now).unwrap();
+    let b = f
+        .engine
+        .handle(&packet([3; 6], &[(53, &[1])]), net(), now)
+        .unwrap();
     assert_eq!(b.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 2));
     // The same client gets the same address again; the next one .3.
-    let b2 = f.engine.handle(&packet([3; 6], &[(53, &[1])]), net(), now).unwrap();
+    let b2 = f
+        .engine
+        .handle(&packet([3; 6], &[(53, &[1])]), net(), now)
+        .unwrap();
     assert_eq!(b2.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 2));
-    let c = f.engine.handle(&packet([4; 6], &[(53, &[1])]), net(), now).unwrap();
+    let c = f
+        .engine
+        .handle(&packet([4; 6], &[(53, &[1])]), net(), now)
+        .unwrap();
     assert_eq!(c.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 3));
     // Events only for the known DUT.
     let ev = f.events.lock().unwrap();
@@ -100,10 +112,18 @@ fn never_gives_a_static_address_or_our_own_to_someone_else() {
     let f = fixture(vec![dut("d", [2; 6], Some([10, 42, 0, 2]))], &[]);
     let now = Instant::now();
     // .1 is ours, .2 is a DUT's static address.
-    let a = f.engine.handle(&packet([9; 6], &[(53, &[1])]), net(), now).unwrap();
+    let a = f
+        .engine
+        .handle(&packet([9; 6], &[(53, &[1])]), net(), now)
+        .unwrap();
     assert_eq!(a.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 3));
     // Asking for them explicitly is refused.
-    for ip in [[10, 42, 0, 1], [10, 42, 0, 2], [10, 42, 0, 255], [10, 42, 0, 0]] {
+    for ip in [
+        [10, 42, 0, 1],
+        [10, 42, 0, 2],
+        [10, 42, 0, 255],
+        [10, 42, 0, 0],
+    ] {
         let r = f
             .engine
             .handle(&packet([8; 6], &[(53, &[3]), (50, &ip)]), net(), now)
@@ -120,39 +140,62 @@ fn request_ack_and_nak() {
     // A free address in the subnet is acknowledged and then leased.
     let r = f
         .engine
-        .handle(&packet([5; 6], &[(53, &[3]), (50, &[10, 42, 0, 77])]), net(), now)
+        .handle(
+            &packet([5; 6], &[(53, &[3]), (50, &[10, 42, 0, 77])]),
+            net(),
+            now,
+        )
         .unwrap();
     assert_eq!(r.reply.message_type, MessageType::Ack);
     assert_eq!(r.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 77));
     // ... so nobody else can have it.
     let r = f
         .engine
-        .handle(&packet([6; 6], &[(53, &[3]), (50, &[10, 42, 0, 77])]), net(), now)
+        .handle(
+            &packet([6; 6], &[(53, &[3]), (50, &[10, 42, 0, 77])]),
+            net(),
+            now,
+        )
         .unwrap();
     assert_eq!(r.reply.message_type, MessageType::Nak);
     // Outside the subnet: NAK (broadcast).
     let r = f
         .engine
-        .handle(&packet([5; 6], &[(53, &[3]), (50, &[192, 168, 1, 9])]), net(), now)
+        .handle(
+            &packet([5; 6], &[(53, &[3]), (50, &[192, 168, 1, 9])]),
+            net(),
+            now,
+        )
         .unwrap();
     assert_eq!(r.reply.message_type, MessageType::Nak);
     assert_eq!(r.to, SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
     // A DUT asking for anything but its static address: NAK; its own: ACK.
     let r = f
         .engine
-        .handle(&packet([2; 6], &[(53, &[3]), (50, &[10, 42, 0, 77])]), net(), now)
+        .handle(
+            &packet([2; 6], &[(53, &[3]), (50, &[10, 42, 0, 77])]),
+            net(),
+            now,
+        )
         .unwrap();
     assert_eq!(r.reply.message_type, MessageType::Nak);
     let r = f
         .engine
-        .handle(&packet([2; 6], &[(53, &[3]), (50, &[10, 42, 0, 50])]), net(), now)
+        .handle(
+            &packet([2; 6], &[(53, &[3]), (50, &[10, 42, 0, 50])]),
+            net(),
+            now,
+        )
         .unwrap();
     assert_eq!(r.reply.message_type, MessageType::Ack);
     // A REQUEST selecting another server is not ours to answer.
     assert!(f
         .engine
         .handle(
-            &packet([5; 6], &[(53, &[3]), (54, &[10, 42, 0, 9]), (50, &[10, 42, 0, 77])]),
+            &packet(
+                [5; 6],
+                &[(53, &[3]), (54, &[10, 42, 0, 9]), (50, &[10, 42, 0, 77])]
+            ),
             net(),
             now
         )
@@ -169,15 +212,27 @@ fn request_ack_and_nak() {
 fn other_message_types_are_ignored_and_release_frees() {
     let f = fixture(vec![], &[]);
     let now = Instant::now();
-    let a = f.engine.handle(&packet([5; 6], &[(53, &[1])]), net(), now).unwrap();
+    let a = f
+        .engine
+        .handle(&packet([5; 6], &[(53, &[1])]), net(), now)
+        .unwrap();
     assert_eq!(a.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 2));
     for t in [4u8, 8] {
-        assert!(f.engine.handle(&packet([5; 6], &[(53, &[t])]), net(), now).is_none());
+        assert!(f
+            .engine
+            .handle(&packet([5; 6], &[(53, &[t])]), net(), now)
+            .is_none());
     }
     assert_eq!(f.engine.leases().lock().unwrap().len(), 1);
-    assert!(f.engine.handle(&packet([5; 6], &[(53, &[7])]), net(), now).is_none());
+    assert!(f
+        .engine
+        .handle(&packet([5; 6], &[(53, &[7])]), net(), now)
+        .is_none());
     assert!(f.engine.leases().lock().unwrap().is_empty());
-    let b = f.engine.handle(&packet([6; 6], &[(53, &[1])]), net(), now).unwrap();
+    let b = f
+        .engine
+        .handle(&packet([6; 6], &[(53, &[1])]), net(), now)
+        .unwrap();
     assert_eq!(b.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 2));
 }
 
@@ -190,11 +245,20 @@ fn expired_leases_are_reused_and_exhaustion_gives_no_offer() {
     };
     // A /30 has .1 (server) and .2 only.
     let now = Instant::now();
-    let a = f.engine.handle(&packet([5; 6], &[(53, &[1])]), small, now).unwrap();
+    let a = f
+        .engine
+        .handle(&packet([5; 6], &[(53, &[1])]), small, now)
+        .unwrap();
     assert_eq!(a.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 2));
-    assert!(f.engine.handle(&packet([6; 6], &[(53, &[1])]), small, now).is_none());
+    assert!(f
+        .engine
+        .handle(&packet([6; 6], &[(53, &[1])]), small, now)
+        .is_none());
     let later = now + DEFAULT_LEASE_TIME + Duration::from_secs(1);
-    let b = f.engine.handle(&packet([6; 6], &[(53, &[1])]), small, later).unwrap();
+    let b = f
+        .engine
+        .handle(&packet([6; 6], &[(53, &[1])]), small, later)
+        .unwrap();
     assert_eq!(b.reply.yiaddr, Ipv4Addr::new(10, 42, 0, 2));
 }
 
@@ -212,24 +276,43 @@ fn relayed_requests_go_back_to_the_relay() {
 fn bootfile_choice() {
     let f = fixture(
         vec![dut("d", [2; 6], None)],
-        &["i386-undionly.kpxe", "x86_64-snponly.efi", "arm64-snponly.efi"],
+        &[
+            "i386-undionly.kpxe",
+            "x86_64-snponly.efi",
+            "arm64-snponly.efi",
+        ],
     );
     let now = Instant::now();
     let pxe = |arch: &[u8], extra: &[(u8, &[u8])]| {
         let mut opts: Vec<(u8, &[u8])> = vec![(53, &[1]), (93, arch), (55, PXE_PRL)];
         opts.extend_from_slice(extra);
-        f.engine.handle(&packet([2; 6], &opts), net(), now).unwrap().reply
+        f.engine
+            .handle(&packet([2; 6], &opts), net(), now)
+            .unwrap()
+            .reply
     };
     // BIOS PXE ROM: iPXE for BIOS, over TFTP.
     let r = pxe(&[0, 0], &[]);
     assert_eq!(r.bootfile.as_deref(), Some("i386-undionly.kpxe"));
     assert!(!r.ipxe_no_proxydhcp);
     // UEFI: the per-arch snponly binary.
-    assert_eq!(pxe(&[0, 7], &[]).bootfile.as_deref(), Some("x86_64-snponly.efi"));
-    assert_eq!(pxe(&[0, 9], &[]).bootfile.as_deref(), Some("x86_64-snponly.efi"));
-    assert_eq!(pxe(&[0, 11], &[]).bootfile.as_deref(), Some("arm64-snponly.efi"));
+    assert_eq!(
+        pxe(&[0, 7], &[]).bootfile.as_deref(),
+        Some("x86_64-snponly.efi")
+    );
+    assert_eq!(
+        pxe(&[0, 9], &[]).bootfile.as_deref(),
+        Some("x86_64-snponly.efi")
+    );
+    assert_eq!(
+        pxe(&[0, 11], &[]).bootfile.as_deref(),
+        Some("arm64-snponly.efi")
+    );
     // Missing binary: still the canonical name (the operator sees it fail).
-    assert_eq!(pxe(&[0, 10], &[]).bootfile.as_deref(), Some("arm32-snponly.efi"));
+    assert_eq!(
+        pxe(&[0, 10], &[]).bootfile.as_deref(),
+        Some("arm32-snponly.efi")
+    );
     // iPXE: the boot script URL, plus option 175.
     let r = pxe(&[0, 0], &[(77, b"iPXE")]);
     assert_eq!(
@@ -254,13 +337,20 @@ fn bootfile_choice() {
     assert_eq!(r.reply.bootfile, None);
     let r = f
         .engine
-        .handle(&packet([2; 6], &[(53, &[1]), (93, &[0, 0]), (55, &[1, 3])]), net(), now)
+        .handle(
+            &packet([2; 6], &[(53, &[1]), (93, &[0, 0]), (55, &[1, 3])]),
+            net(),
+            now,
+        )
         .unwrap();
     assert_eq!(r.reply.bootfile, None);
     let r = f
         .engine
         .handle(
-            &packet([2; 6], &[(53, &[1]), (93, &[0, 0]), (60, b"PXEClient:Arch:00000")]),
+            &packet(
+                [2; 6],
+                &[(53, &[1]), (93, &[0, 0]), (60, b"PXEClient:Arch:00000")],
+            ),
             net(),
             now,
         )
@@ -273,7 +363,11 @@ fn unknown_netbooting_machines_are_reported() {
     let f = fixture(vec![], &[]);
     let now = Instant::now();
     f.engine
-        .handle(&packet([7; 6], &[(53, &[1]), (93, &[0, 7]), (55, PXE_PRL)]), net(), now)
+        .handle(
+            &packet([7; 6], &[(53, &[1]), (93, &[0, 7]), (55, PXE_PRL)]),
+            net(),
+            now,
+        )
         .unwrap();
     // A non-netboot client (a PDU, a laptop) is not reported.
     f.engine
@@ -281,7 +375,7 @@ fn unknown_netbooting_machines_are_reported() {
         .unwrap();
     let ev = f.events.lock().unwrap();
     assert_eq!(ev.len(), 1);
-    assert_eq!(ev[0].mac, HwAddr([7; 6]));
+    assert_eq!(ev[0].mac, MacAddr([7; 6]));
     assert_eq!(
         ev[0].kind,
         BootEventKind::UnknownNetbootRequest {

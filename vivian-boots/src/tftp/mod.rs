@@ -17,6 +17,7 @@ pub mod packet;
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -252,8 +253,11 @@ impl TftpServer {
             let _ = self.socket.send_to(&packet::error(code, &msg), from).await;
         };
         if req.write {
-            return refuse(error_code::ILLEGAL_OPERATION, "Write support not implemented".into())
-                .await;
+            return refuse(
+                error_code::ILLEGAL_OPERATION,
+                "Write support not implemented".into(),
+            )
+            .await;
         }
         if req.mode != "octet" {
             let msg = format!("Mode '{}' not supported", req.mode);
@@ -261,7 +265,11 @@ impl TftpServer {
             return refuse(error_code::UNKNOWN_TID, msg).await;
         }
         if self.active.load(Ordering::SeqCst) >= self.config.max_transfers {
-            return refuse(error_code::UNDEFINED, "Too many transfers, retry later".into()).await;
+            return refuse(
+                error_code::UNDEFINED,
+                "Too many transfers, retry later".into(),
+            )
+            .await;
         }
         let (file, size) = match open_in_root(&self.config.root, &req.filename) {
             Ok(f) => f,
@@ -271,40 +279,26 @@ impl TftpServer {
             }
         };
         // The transfer socket: a new port on the address the request came
-        // to (the client checks replies come from the server it asked).
+        // to (the client checks replies come from the server it asked), in
+        // the network namespace of the listening socket (which may have
+        // been created in another namespace than this thread's).
         let bind_ip = match local_ip {
             Some(ip) if !ip.is_unspecified() => ip,
             _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         };
-        let sock = match bind_udp(
-            SocketAddr::new(bind_ip, 0),
-            self.config.device.as_deref(),
-            false,
-        )
-        .and_then(|s| {
-            s.set_nonblocking(false)
-                .and_then(|_| s.connect(from))
-                .map(|_| s)
-                .map_err(|e| crate::BootsError::Bind {
-                    addr: from,
-                    reason: e.to_string(),
-                })
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("cannot open a TFTP transfer socket: {e}");
-                return refuse(error_code::UNDEFINED, "Server error".into()).await;
-            }
-        };
+        let netns = netns_of(&self.socket);
+        let device = self.config.device.clone();
         let (params, oack) = negotiate(&req.options, size, self.config.timeout);
-        let transfer = Transfer {
+        let retries = self.config.retries;
+        let stop = self.stop.clone();
+        let transfer = move |sock| Transfer {
             sock,
             file,
             size,
             params,
             oack,
-            retries: self.config.retries,
-            stop: self.stop.clone(),
+            retries,
+            stop,
         };
         self.active.fetch_add(1, Ordering::SeqCst);
         let active = self.active.clone();
@@ -315,7 +309,13 @@ impl TftpServer {
             .name("tftp-transfer".into())
             .spawn(move || {
                 let started = Instant::now();
-                let result = transfer.run();
+                let result = match transfer_socket(netns, bind_ip, device.as_deref(), from) {
+                    Ok(sock) => transfer(sock).run(),
+                    Err(e) => {
+                        warn!("cannot open a TFTP transfer socket: {e}");
+                        Err(format!("transfer socket: {e}"))
+                    }
+                };
                 active.fetch_sub(1, Ordering::SeqCst);
                 match &result {
                     Ok(bytes) => debug!(%from, file = %filename, bytes, elapsed = ?started.elapsed(), "TFTP transfer done"),
@@ -362,6 +362,45 @@ fn record_event(
             error,
         },
     });
+}
+
+/// The network namespace of `socket`, when it can be read (SIOCGSKNS) and
+/// differs from this thread's.
+fn netns_of(socket: &UdpSocket) -> Option<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::MetadataExt;
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: ioctl on a valid socket fd; returns a new fd or -1.
+    let fd = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGSKNS as _) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned to us and is owned by nobody else.
+    let ns = unsafe { OwnedFd::from_raw_fd(fd) };
+    let theirs = File::from(ns.try_clone().ok()?).metadata().ok()?.ino();
+    let ours = std::fs::metadata("/proc/thread-self/ns/net").ok()?.ino();
+    (theirs != ours).then_some(ns)
+}
+
+/// Opens the socket of one transfer, connected to the client. Runs on the
+/// transfer's own thread, which first enters `netns` if given.
+fn transfer_socket(
+    netns: Option<OwnedFd>,
+    ip: IpAddr,
+    device: Option<&str>,
+    client: SocketAddr,
+) -> Result<StdUdpSocket, String> {
+    use std::os::fd::AsRawFd;
+    if let Some(ns) = netns {
+        // SAFETY: setns on a namespace fd; affects this thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", io::Error::last_os_error()));
+        }
+    }
+    let sock = bind_udp(SocketAddr::new(ip, 0), device, false).map_err(|e| e.to_string())?;
+    sock.set_nonblocking(false).map_err(|e| e.to_string())?;
+    sock.connect(client).map_err(|e| e.to_string())?;
+    Ok(sock)
 }
 
 /// One transfer, run on its own thread with blocking I/O.

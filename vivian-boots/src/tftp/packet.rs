@@ -172,9 +172,15 @@ mod tests {
     #[test]
     fn rejects_bad_requests() {
         assert_eq!(parse_request(b""), Err(ParseError::TooShort));
-        assert_eq!(parse_request(b"\0\x04\0\x01"), Err(ParseError::NotARequest(4)));
+        assert_eq!(
+            parse_request(b"\0\x04\0\x01"),
+            Err(ParseError::NotARequest(4))
+        );
         assert_eq!(parse_request(b"\0\x01file"), Err(ParseError::MissingField));
-        assert_eq!(parse_request(b"\0\x01\0octet\0"), Err(ParseError::MissingField));
+        assert_eq!(
+            parse_request(b"\0\x01\0octet\0"),
+            Err(ParseError::MissingField)
+        );
         // An unterminated trailing option is ignored.
         let r = parse_request(b"\0\x01f\0octet\0blksize\x00512").unwrap();
         assert!(r.options.is_empty());
@@ -184,8 +190,14 @@ mod tests {
 
     #[test]
     fn client_packets() {
-        assert_eq!(parse_client_packet(b"\0\x04\x01\x02"), ClientPacket::Ack(0x102));
-        assert_eq!(parse_client_packet(b"\0\x05\0\x01x\0"), ClientPacket::Error(1));
+        assert_eq!(
+            parse_client_packet(b"\0\x04\x01\x02"),
+            ClientPacket::Ack(0x102)
+        );
+        assert_eq!(
+            parse_client_packet(b"\0\x05\0\x01x\0"),
+            ClientPacket::Error(1)
+        );
         assert_eq!(parse_client_packet(b"\0\x04"), ClientPacket::Other);
         assert_eq!(error(1, "File not found"), b"\0\x05\0\x01File not found\0");
         assert_eq!(oack(&[("tsize", "3".into())]), b"\0\x06tsize\x003\0");

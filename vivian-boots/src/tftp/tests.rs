@@ -30,25 +30,39 @@ fn confinement_to_the_root() {
         "fifo",
         "/dev/null",
     ] {
-        assert_eq!(open_in_root(&root, bad).err(), Some(Refusal::NotFound), "{bad}");
+        assert_eq!(
+            open_in_root(&root, bad).err(),
+            Some(Refusal::NotFound),
+            "{bad}"
+        );
     }
 }
 
 #[test]
 fn option_negotiation() {
     let o = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     };
     let t = Duration::from_secs(1);
     let (n, ack) = negotiate(&[], 10, t);
     assert_eq!((n.blksize, n.windowsize, n.oack), (512, 1, false));
     assert!(ack.is_empty());
     let (n, ack) = negotiate(
-        &o(&[("blksize", "1468"), ("tsize", "0"), ("windowsize", "16"), ("timeout", "3")]),
+        &o(&[
+            ("blksize", "1468"),
+            ("tsize", "0"),
+            ("windowsize", "16"),
+            ("timeout", "3"),
+        ]),
         1234,
         t,
     );
-    assert_eq!((n.blksize, n.windowsize, n.timeout), (1468, 16, Duration::from_secs(3)));
+    assert_eq!(
+        (n.blksize, n.windowsize, n.timeout),
+        (1468, 16, Duration::from_secs(3))
+    );
     assert_eq!(
         ack,
         vec![
@@ -60,7 +74,12 @@ fn option_negotiation() {
     );
     // Out of range or malformed values are clamped or ignored.
     let (n, ack) = negotiate(
-        &o(&[("blksize", "100000"), ("windowsize", "0"), ("timeout", "x"), ("foo", "1")]),
+        &o(&[
+            ("blksize", "100000"),
+            ("windowsize", "0"),
+            ("timeout", "x"),
+            ("foo", "1"),
+        ]),
         0,
         t,
     );
@@ -138,7 +157,10 @@ async fn windowed_transfer_with_loss_and_rollover() {
     let (addr, task, stop) = server(dir.path()).await;
     let got = tokio::task::spawn_blocking(move || {
         let c = Client::new(addr);
-        c.rrq("f", &[("blksize", "8"), ("windowsize", "4"), ("tsize", "0")]);
+        c.rrq(
+            "f",
+            &[("blksize", "8"), ("windowsize", "4"), ("tsize", "0")],
+        );
         let (oack, tid) = c.recv();
         assert_eq!(oack[..2], [0, 6]);
         assert!(oack.windows(12).any(|w| w == b"tsize\x00560000"));
@@ -214,7 +236,10 @@ async fn retransmits_on_timeout_and_ignores_duplicate_acks() {
             .set_read_timeout(Some(Duration::from_millis(400)))
             .unwrap();
         let mut b = [0u8; 600];
-        assert!(c.sock.recv_from(&mut b).is_err(), "nothing after the last ACK");
+        assert!(
+            c.sock.recv_from(&mut b).is_err(),
+            "nothing after the last ACK"
+        );
     })
     .await
     .unwrap();
@@ -239,7 +264,10 @@ async fn refusals() {
         let mut n = vec![0, 1];
         n.extend_from_slice(b"f\0netascii\0");
         c.sock.send_to(&n, addr).unwrap();
-        assert_eq!(c.recv().0, packet::error(5, "Mode 'netascii' not supported"));
+        assert_eq!(
+            c.recv().0,
+            packet::error(5, "Mode 'netascii' not supported")
+        );
         // Garbage is dropped silently and the server still answers.
         c.sock.send_to(&[0xff; 3], addr).unwrap();
         c.sock.send_to(&[], addr).unwrap();
