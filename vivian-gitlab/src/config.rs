@@ -596,6 +596,62 @@ mod tests {
     }
 
     #[test]
+    fn default_template_renders_the_reference_gateway_lines() {
+        for (cpus, ram_mb, lines) in [
+            (
+                4u32,
+                4096u64,
+                [
+                    "limit = 1",
+                    "cpus = \"4\"",
+                    "memory = \"2048 MB\" # Gateway runner memory allocation",
+                    "memory_swap = \"2457 MB\"",
+                    "memory_reservation = \"1024 MB\"",
+                ],
+            ),
+            (
+                32,
+                131072,
+                [
+                    "limit = 4",
+                    "cpus = \"32\"",
+                    "memory = \"126976 MB\" # Gateway runner memory allocation",
+                    "memory_swap = \"152371 MB\"",
+                    "memory_reservation = \"63488 MB\"",
+                ],
+            ),
+        ] {
+            let host = HostResources {
+                cpu_count: cpus,
+                physical_cores: cpus,
+                ram_total_bytes: ram_mb * 1_000_000,
+                arch: "x86_64".into(),
+            };
+            let w = RunnerConfigWriter::new("/nonexistent", TemplateSource::BuiltIn, vec![], host);
+            let input = RunnerConfigInput {
+                farm_name: "f".into(),
+                gateway_runners: vec![RunnerConfigEntry {
+                    instance: "gl".into(),
+                    name: "f-gateway".into(),
+                    url: "https://gitlab.example".into(),
+                    token: Secret::new("glrt-0123456789"),
+                    tags: vec![],
+                    dut_id: None,
+                }],
+                dut_runners: vec![],
+            };
+            let text = w.render(&input).unwrap();
+            for line in lines {
+                assert!(text.contains(line), "{line:?} missing from:\n{text}");
+            }
+            let table: toml::Table = text.parse().unwrap();
+            let r = &table["runners"].as_array().unwrap()[0];
+            assert_eq!(r["token"].as_str(), Some("glrt-0123456789"));
+            assert_eq!(r["docker"]["network_mode"].as_str(), Some("host"));
+        }
+    }
+
+    #[test]
     fn gateway_tags_match_the_reference_vector() {
         let host = HostResources {
             cpu_count: 8,
