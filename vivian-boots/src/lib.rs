@@ -312,3 +312,37 @@ impl Drop for Boots {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vivian_core::netboot::{discard_events, StaticDuts};
+
+    #[tokio::test]
+    async fn disabled_servers_start_nothing() {
+        let mut cfg = BootsConfig::new("no-such-interface", "/no/such/root", "http://x");
+        cfg.disable_servers = true;
+        // Neither the interface nor the root nor port 67 is touched.
+        let boots = Boots::start(&cfg, Arc::new(StaticDuts::default()), discard_events()).unwrap();
+        assert_eq!(boots.dhcp_local_addr(), None);
+        assert_eq!(boots.tftp_local_addr(), None);
+        // Enabled, the same settings fail with errors naming what is wrong.
+        cfg.disable_servers = false;
+        cfg.dhcp_bind = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let err = Boots::start(&cfg, Arc::new(StaticDuts::default()), discard_events())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("SO_BINDTODEVICE no-such-interface"), "{err}");
+        cfg.private_interface = String::new();
+        cfg.tftp_bind = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let err = Boots::start(&cfg, Arc::new(StaticDuts::default()), discard_events())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("/no/such/root") && err.contains("BOOTS_TFTP_ROOT"),
+            "{err}"
+        );
+    }
+}
