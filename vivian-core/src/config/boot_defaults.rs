@@ -20,6 +20,31 @@
 //! those variables are absent from the environment; setting one of them to an
 //! empty value removes that default (and a lookup that finds nothing else then
 //! fails with [`MissingBootDefault`]).
+//!
+//! ```
+//! use vivian_core::config::{Arch, BootDefaults, BootItem, Bootloader, Platform};
+//!
+//! let defaults = BootDefaults::from_vars([
+//!     ("BOOTS_DEFAULT_X86_64_KERNEL", "http://gw/x86_64/kernel"),
+//!     ("BOOTS_DEFAULT_ARM64_EFI_KERNEL", "http://gw/arm64/kernel.efi"),
+//!     ("BOOTS_DEFAULT_INITRD", "http://gw/initrd"),
+//!     ("BOOTS_DEFAULT_CMDLINE", "loglevel=6"),
+//! ]);
+//! // `boot.ipxe?platform=efi&buildarch=x86_64`
+//! let arch = "x86_64".parse::<Arch>().ok();
+//! let platform = "efi".parse::<Platform>().ok();
+//! let boot = defaults.resolve(Bootloader::Ipxe, arch, platform).unwrap();
+//! assert_eq!(boot.kernel, "http://gw/x86_64/kernel");
+//! assert_eq!(boot.initrd, "http://gw/initrd");
+//!
+//! // ARM64 has a kernel for EFI only: the error names what was tried.
+//! let err = defaults
+//!     .lookup(BootItem::Kernel, Bootloader::Ipxe, Some(Arch::Arm64), Some(Platform::Pcbios))
+//!     .unwrap_err();
+//! assert!(err.to_string().starts_with(
+//!     "no default kernel found: set one of BOOTS_DEFAULT_IPXE_ARM64_PCBIOS_KERNEL, "
+//! ));
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -413,24 +413,17 @@ pub struct ConfigEntry {
 struct Reader<'a> {
     env: &'a BTreeMap<String, String>,
     errors: Vec<EnvVarError>,
-    /// Names seen (set and non-empty) for `ValueSource`.
-    set: Vec<&'static str>,
 }
 
 const BOOL_EXPECTED: &str = "expected a boolean (true/false, enabled/disabled, 1/0)";
 
 impl<'a> Reader<'a> {
     /// The non-empty value of `var`, if any.
-    fn raw(&mut self, var: &'static str) -> Option<&'a str> {
-        let v = self
-            .env
+    fn raw(&self, var: &'static str) -> Option<&'a str> {
+        self.env
             .get(var)
             .map(String::as_str)
-            .filter(|v| !v.is_empty());
-        if v.is_some() {
-            self.set.push(var);
-        }
-        v
+            .filter(|v| !v.is_empty())
     }
 
     fn invalid(&mut self, var: &str, value: &str, expected: impl Into<String>) {
@@ -591,7 +584,6 @@ impl Config {
         let mut r = Reader {
             env,
             errors: Vec::new(),
-            set: Vec::new(),
         };
 
         let farm_name = match r.raw("FARM_NAME") {
