@@ -103,6 +103,30 @@ impl ReconcilerSettings {
             config: None,
         }
     }
+
+    /// The settings of the executor: `FARM_NAME`, `GITLAB_ALLOW_INSECURE`,
+    /// and config.toml written to `GITLAB_CONF_FILE` from
+    /// `GITLAB_CONF_TEMPLATE_FILE` (or the built-in template), with the job
+    /// environment made of `MINIO_URL` and the `EXECUTOR_JOB__*` variables
+    /// of `process_env` (pass `std::env::vars()`; names keep their case).
+    pub fn from_config(
+        config: &vivian_core::config::Config,
+        process_env: impl IntoIterator<Item = (String, String)>,
+    ) -> Self {
+        let mut s = Self::new(config.farm_name.clone());
+        s.allow_insecure = config.gitlab_allow_insecure;
+        let template = match &config.gitlab_conf_template_file {
+            Some(p) => crate::config::TemplateSource::File(p.clone()),
+            None => crate::config::TemplateSource::BuiltIn,
+        };
+        s.config = Some(RunnerConfigWriter::new(
+            config.gitlab_conf_file.clone(),
+            template,
+            crate::config::job_environment(process_env, config.minio_url.as_str()),
+            s.host.clone(),
+        ));
+        s
+    }
 }
 
 /// The state of one runner (one DUT or the gateway, on one instance), as
@@ -1054,5 +1078,57 @@ impl Reconciler {
         }
         self.board().duts.remove(id);
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_from_the_executor_config() {
+        let mut config = vivian_core::config::Config::with_farm_name("myfarm").unwrap();
+        config.gitlab_allow_insecure = true;
+        config.gitlab_conf_file = "/tmp/x/config.toml".into();
+        let s = ReconcilerSettings::from_config(
+            &config,
+            vec![
+                ("EXECUTOR_JOB__FOO".to_string(), "bar".to_string()),
+                ("HOME".to_string(), "/root".to_string()),
+            ],
+        );
+        assert_eq!(s.farm_name, "myfarm");
+        assert!(s.allow_insecure);
+        assert_eq!(s.periodic_interval, Duration::from_secs(1800));
+        let w = s.config.unwrap();
+        assert_eq!(w.path(), std::path::Path::new("/tmp/x/config.toml"));
+        let text = w
+            .render(&RunnerConfigInput {
+                farm_name: "myfarm".into(),
+                gateway_runners: vec![crate::config::RunnerConfigEntry {
+                    instance: "gl".into(),
+                    name: "myfarm-gateway".into(),
+                    url: "https://gitlab.example".into(),
+                    token: Secret::new("glrt-0123456789"),
+                    tags: vec![],
+                    dut_id: None,
+                }],
+                dut_runners: vec![],
+            })
+            .unwrap();
+        let minio = format!("MINIO_URL={}", config.minio_url.as_str());
+        let line = format!("environment = [\"{minio}\", \"FOO=bar\"]");
+        assert!(text.contains(&line), "{line} missing from\n{text}");
+    }
+
+    #[test]
+    fn reconciler_refuses_bad_settings() {
+        let db: Arc<dyn MarsDb> = Arc::new(vivian_core::marsdb::MemoryMarsDb::new(Database::new()));
+        let reg: Arc<dyn RunnerRegistry> = Arc::new(vivian_core::runner::InMemoryRegistry::new());
+        let mut s = ReconcilerSettings::new(" ");
+        assert!(Reconciler::new(db.clone(), reg.clone(), s.clone()).is_err());
+        s.farm_name = "f".into();
+        s.concurrency = 0;
+        assert!(Reconciler::new(db, reg, s).is_err());
     }
 }
