@@ -14,9 +14,9 @@
 //!   disables the servers).
 //! * Booleans accept `true`/`false`, `enabled`/`disabled`, `1`/`0`
 //!   (case-insensitive).
-//! * Secrets (`MINIO_ROOT_PASSWORD`, and `EXECUTOR_JOB__*` values whose name
-//!   contains `token`, `password` or `secret`) are masked in `Debug` and
-//!   `Display` output.
+//! * Secrets (`MINIO_ROOT_PASSWORD`, a password inside a URL, and
+//!   `EXECUTOR_JOB__*` values whose name looks secret, see
+//!   [`JobVars::is_secret_name`]) are masked in `Debug` and `Display` output.
 //!
 //! Invariant: a `Config` built by this module has passed every check below;
 //! the service reads configuration nowhere else.
@@ -259,13 +259,15 @@ pub struct ConfigError {
 pub struct JobVars(pub BTreeMap<String, String>);
 
 impl JobVars {
-    /// Whether the variable `name` holds a secret (its name contains
-    /// `token`, `password` or `secret`).
+    /// Whether the variable `name` holds a secret: its name contains
+    /// `token`, `password`, `passwd`, `secret` or `credential`, or has a
+    /// `_`-separated part `key` (`api_key`, `KEY_ID`).
     pub fn is_secret_name(name: &str) -> bool {
         let n = name.to_ascii_lowercase();
-        ["token", "password", "secret"]
+        ["token", "password", "passwd", "secret", "credential"]
             .iter()
             .any(|w| n.contains(w))
+            || n.split('_').any(|part| part == "key")
     }
 
     /// The value for display: masked when secret.
@@ -627,7 +629,17 @@ impl Config {
                 && !name.as_bytes()[0].is_ascii_digit()
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if valid {
-                job_vars.insert(name.to_ascii_lowercase(), v.clone());
+                let lower = name.to_ascii_lowercase();
+                if job_vars.contains_key(&lower) {
+                    let shown = JobVars::display_value(name, v).to_string();
+                    r.invalid(
+                        k,
+                        &shown,
+                        format!("another EXECUTOR_JOB__ variable already defines the template variable {lower:?} (names are case-insensitive)"),
+                    );
+                } else {
+                    job_vars.insert(lower, v.clone());
+                }
             } else {
                 let shown = JobVars::display_value(name, v).to_string();
                 r.invalid(

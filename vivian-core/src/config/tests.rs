@@ -540,3 +540,36 @@ fn check_files_names_missing_templates_and_database_folder() {
         .to_string()
         .contains("not a regular file"));
 }
+
+#[test]
+fn secret_job_variable_names() {
+    for (name, secret) in [
+        ("gitlab_token", true),
+        ("DB_PASSWORD", true),
+        ("ldap_passwd", true),
+        ("client_secret", true),
+        ("aws_credentials", true),
+        ("api_key", true),
+        ("KEY_ID", true),
+        ("ntp_peer", false),
+        ("keyboard_layout", false),
+        ("fdo_proxy_registry", false),
+    ] {
+        assert_eq!(JobVars::is_secret_name(name), secret, "{name}");
+    }
+}
+
+#[test]
+fn job_variables_differing_only_in_case_are_refused() {
+    let e = parse_err(&[
+        ("EXECUTOR_JOB__NTP_PEER", "a"),
+        ("EXECUTOR_JOB__ntp_peer", "b"),
+    ]);
+    assert_eq!(e.errors.len(), 1, "{e}");
+    assert_eq!(e.errors[0].var(), "EXECUTOR_JOB__ntp_peer");
+    assert!(
+        e.to_string()
+            .contains("already defines the template variable \"ntp_peer\""),
+        "{e}"
+    );
+}
