@@ -630,15 +630,18 @@ impl Config {
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if valid {
                 let lower = name.to_ascii_lowercase();
-                if job_vars.contains_key(&lower) {
-                    let shown = JobVars::display_value(name, v).to_string();
-                    r.invalid(
-                        k,
-                        &shown,
-                        format!("another EXECUTOR_JOB__ variable already defines the template variable {lower:?} (names are case-insensitive)"),
-                    );
-                } else {
-                    job_vars.insert(lower, v.clone());
+                match job_vars.entry(lower) {
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(v.clone());
+                    }
+                    std::collections::btree_map::Entry::Occupied(e) => {
+                        let shown = JobVars::display_value(name, v).to_string();
+                        let expected = format!(
+                            "another EXECUTOR_JOB__ variable already defines the template variable {:?} (names are case-insensitive)",
+                            e.key()
+                        );
+                        r.invalid(k, &shown, expected);
+                    }
                 }
             } else {
                 let shown = JobVars::display_value(name, v).to_string();
