@@ -327,13 +327,17 @@ fn current_of(entry: &GitlabRunner) -> Option<(Secret, Option<u64>)> {
     })
 }
 
+/// What a successful check depends on: the instance (URL, a hash of its
+/// access token: changing it calls for a new check) and the spec.
 fn fingerprint(endpoint: &RegistryEndpoint, spec: &Result<RunnerSpec, String>) -> String {
-    format!(
-        "{}|{}|{:?}",
-        endpoint.url,
-        endpoint.access_token.is_some(),
-        spec
-    )
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    endpoint
+        .access_token
+        .as_ref()
+        .map(|t| t.expose())
+        .hash(&mut h);
+    format!("{}|{:x}|{:?}", endpoint.url, h.finish(), spec)
 }
 
 /// Removes the runner of `token`; success also when GitLab no longer knows
@@ -405,6 +409,12 @@ async fn ensure(registry: &dyn RunnerRegistry, item: Item) -> Outcome {
                                     tracing::warn!(runner = %who, instance = %ep.name, runner_id = id, error = %e, "cannot read the runner's details; keeping it");
                                     if Some(id) != item.current.as_ref().and_then(|c| c.1) {
                                         out.change = Some(Some((token.clone(), id)));
+                                    }
+                                    if !e.is_transient() {
+                                        // A configuration problem (bad access
+                                        // token): do not ask again before the
+                                        // next full pass or a change.
+                                        out.settled = Some((token.clone(), Some(id)));
                                     }
                                     out.error = Some(e);
                                     return out;
@@ -738,8 +748,8 @@ impl Reconciler {
                     },
                 );
             }
-            match (&o.error, &o.settled) {
-                (None, Some((token, id))) => {
+            match &o.settled {
+                Some((token, id)) => {
                     state.checked.insert(
                         o.key.clone(),
                         Checked {

@@ -784,3 +784,24 @@ async fn group_runners_custom_template_and_insecure_urls() {
     );
     assert!(farm.config_runners().is_empty());
 }
+
+#[tokio::test]
+async fn a_bad_access_token_keeps_runners_and_is_reported() {
+    let farm = Farm::new(vec![dut(1, "gfx9", true, &["a"])]).await;
+    farm.rec.reconcile(true).await;
+    let before = farm.entry(1);
+    farm.edit(|db| db.gitlab["fake"].access_token = Some("glpat-revoked-access".into()))
+        .await;
+    let report = farm.rec.reconcile(false).await;
+    assert_eq!(report.registered, 0, "{report:?}");
+    assert!(report.failures >= 1, "{report:?}");
+    assert_eq!(farm.entry(1), before, "the runner token is kept");
+    let st = &farm.rec.dut_status(&mac(1))["fake"];
+    assert!(st.in_config && st.is_valid == Some(true), "{st:?}");
+    assert!(st.error.as_deref().unwrap_or("").contains("401"), "{st:?}");
+    // Not asked again at every MarsDB change; the next full pass does.
+    let n = farm.fake.requests().len();
+    assert_eq!(farm.rec.reconcile(false).await.checked, 0);
+    assert_eq!(farm.fake.requests().len(), n);
+    assert_eq!(farm.rec.reconcile(true).await.checked, 2);
+}
