@@ -2,3 +2,4 @@
 //! embedding program) and the wiring of the executor.
 #![warn(missing_docs)]
 pub mod simdut;
+pub mod client;
