@@ -344,6 +344,20 @@ pub struct RunnerConfigWriter {
     template: TemplateSource,
     environment: Vec<(String, String)>,
     host: HostResources,
+    /// The last rendering: (input, template text, output). Rendering a
+    /// thousand runners costs more than comparing inputs.
+    last: LastRendering,
+}
+
+/// The cache of [`RunnerConfigWriter`]; its `Debug` hides the rendered text
+/// (it holds the tokens).
+#[derive(Clone, Default)]
+struct LastRendering(std::sync::Arc<std::sync::Mutex<Option<(RunnerConfigInput, String, String)>>>);
+
+impl std::fmt::Debug for LastRendering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LastRendering(..)")
+    }
 }
 
 #[derive(Serialize)]
@@ -405,6 +419,7 @@ impl RunnerConfigWriter {
             template,
             environment,
             host,
+            last: Default::default(),
         }
     }
 
@@ -420,7 +435,13 @@ impl RunnerConfigWriter {
 
     /// Renders the config for `input`, and checks that it is valid TOML.
     pub fn render(&self, input: &RunnerConfigInput) -> Result<String, RunnerConfigError> {
-        let (name, source) = match &self.template {
+        let (name, source) = self.template_source()?;
+        self.render_source(&name, &source, input)
+    }
+
+    /// The template's name and text.
+    fn template_source(&self) -> Result<(String, String), RunnerConfigError> {
+        Ok(match &self.template {
             TemplateSource::BuiltIn => ("<built-in>".to_string(), DEFAULT_TEMPLATE.to_string()),
             TemplateSource::File(p) => (
                 p.display().to_string(),
@@ -429,7 +450,16 @@ impl RunnerConfigWriter {
                     source,
                 })?,
             ),
-        };
+        })
+    }
+
+    fn render_source(
+        &self,
+        name: &str,
+        source: &str,
+        input: &RunnerConfigInput,
+    ) -> Result<String, RunnerConfigError> {
+        let name = name.to_string();
         let limits = GatewayLimits::compute(self.host.cpu_count, self.host.ram_total_mb());
         let ctx = Ctx {
             farm_name: &input.farm_name,
@@ -483,7 +513,7 @@ impl RunnerConfigWriter {
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.add_filter("toml", toml_filter);
         let tmpl = env
-            .template_from_named_str(&name, &source)
+            .template_from_named_str(&name, source)
             .map_err(template_error)?;
         let text = tmpl
             .render(minijinja::Value::from(minijinja::value::Serde(&ctx)))
@@ -510,7 +540,22 @@ impl RunnerConfigWriter {
     /// Renders the config for `input` and writes it if it differs from the
     /// file's content. Returns whether the file was written.
     pub fn write(&self, input: &RunnerConfigInput) -> Result<bool, RunnerConfigError> {
-        let text = self.render(input)?;
+        let (name, source) = self.template_source()?;
+        let cached = {
+            let last = self.last.0.lock().unwrap_or_else(|e| e.into_inner());
+            last.as_ref()
+                .filter(|(i, t, _)| i == input && *t == source)
+                .map(|(_, _, out)| out.clone())
+        };
+        let text = match cached {
+            Some(text) => text,
+            None => {
+                let text = self.render_source(&name, &source, input)?;
+                *self.last.0.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((input.clone(), source, text.clone()));
+                text
+            }
+        };
         write_if_changed(&self.path, text.as_bytes()).map_err(|source| RunnerConfigError::Write {
             path: self.path.clone(),
             source,
@@ -649,6 +694,41 @@ mod tests {
             assert_eq!(r["token"].as_str(), Some("glrt-0123456789"));
             assert_eq!(r["docker"]["network_mode"].as_str(), Some("host"));
         }
+    }
+
+    #[test]
+    fn write_restores_an_edited_file_and_debug_hides_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let w = RunnerConfigWriter::new(
+            &path,
+            TemplateSource::BuiltIn,
+            vec![],
+            HostResources::detect(),
+        );
+        let input = RunnerConfigInput {
+            farm_name: "f".into(),
+            gateway_runners: vec![],
+            dut_runners: vec![RunnerConfigEntry {
+                instance: "gl".into(),
+                name: "f-x-1".into(),
+                url: "https://gitlab.example".into(),
+                token: Secret::new("glrt-supersecret"),
+                tags: vec![],
+                dut_id: Some("52:54:00:00:00:01".into()),
+            }],
+        };
+        assert!(w.write(&input).unwrap());
+        assert!(!w.write(&input).unwrap());
+        let good = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, "edited by hand\n").unwrap();
+        assert!(
+            w.write(&input).unwrap(),
+            "the same input still restores the file"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), good);
+        let dbg = format!("{w:?}");
+        assert!(!dbg.contains("supersecret"), "{dbg}");
     }
 
     #[test]
