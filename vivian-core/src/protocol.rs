@@ -358,6 +358,13 @@ impl Message {
     }
 }
 
+/// The reference's control text: `+<seconds since job start, 3 decimals>s:
+/// <text>` followed by a newline (added when missing).
+pub fn control_text(since_job_start: std::time::Duration, text: &str) -> String {
+    let nl = if text.ends_with('\n') { "" } else { "\n" };
+    format!("+{:.3}s: {text}{nl}", since_job_start.as_secs_f64())
+}
+
 /// `datetime.isoformat()` of an aware UTC datetime: microseconds only when
 /// non-zero, `+00:00` suffix.
 fn python_isoformat(d: &DateTime<Utc>) -> String {
@@ -828,6 +835,16 @@ mod tests {
         let e =
             Message::decode(b"{\"msg_type\": \"hello\", \"date\": \"1970-01-01\"}").unwrap_err();
         assert!(matches!(e, ProtocolError::UnknownType(ref t) if t == "hello"));
+    }
+
+    #[test]
+    fn control_texts() {
+        let d = std::time::Duration::from_millis(12_345);
+        assert_eq!(
+            control_text(d, "Boot the machine"),
+            "+12.345s: Boot the machine\n"
+        );
+        assert_eq!(control_text(d, "x\n"), "+12.345s: x\n");
     }
 
     #[test]

@@ -430,3 +430,79 @@ fn deadline_forms() {
     assert_eq!(Deadline::parse("soon"), None);
     assert_eq!(Deadline::parse("inf"), None);
 }
+
+#[test]
+fn long_lines_are_bounded_and_reported() {
+    use vivian_core::job::patterns::MAX_LINE_LEN;
+    let yaml = SIMPLE.replace(
+        "console_patterns: {}",
+        "console_patterns: {job_success: {regex: 'x{10}$'}}",
+    );
+    let job = Job::parse(&yaml, &ParseOptions::default()).unwrap();
+    let mut m = job.console_matcher();
+    // A flood without newline is cut into bounded lines.
+    let flood = vec![b'x'; MAX_LINE_LEN * 2 + 10];
+    let f = m.feed(&flood);
+    assert_eq!(f.matches.len(), 2);
+    assert!(f.matches.iter().all(|l| l.line.len() == MAX_LINE_LEN));
+    let f = m.feed(b"\n");
+    assert_eq!(f.matches.len(), 1);
+    assert_eq!(f.matches[0].line, b"xxxxxxxxxx\n");
+    assert_eq!(
+        f.matches[0].control_text(),
+        "Matched the following patterns: job_success"
+    );
+    assert_eq!(f.matches[0].metadata()["line"], "xxxxxxxxxx\n");
+}
+
+#[test]
+fn timeout_hits_carry_the_reference_metadata() {
+    let job = sample();
+    let mut t = job.timeouts.clone();
+    let t0 = Instant::now();
+    t.on_power_on(t0);
+    let expired = t.expired(t0 + Duration::from_secs(46));
+    let (_, hits) = t.end_boot(&expired, false);
+    let meta = serde_json::Value::Object(hits[0].metadata());
+    assert_eq!(
+        meta,
+        serde_json::json!({"timeout": {"name": "first_console_activity", "seconds": 45.0, "retries": 5, "retried": 1, "is_retrying": true}})
+    );
+}
+
+/// The jobs shipped in `examples/jobs/` render and parse.
+#[test]
+fn example_jobs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/jobs") {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let job = Job::from_template(&text, &sample_vars(), &ParseOptions::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            job.deployment.start.kernel.url.is_some(),
+            "{}",
+            path.display()
+        );
+        seen += 1;
+    }
+    assert!(seen >= 2);
+    let b2c = std::fs::read_to_string(dir.join("boot2container.yml.j2")).unwrap();
+    let job = Job::from_template(&b2c, &sample_vars(), &ParseOptions::default()).unwrap();
+    assert_eq!(
+        job.target.tags,
+        vec!["amdgpu:gfxversion:gfx10", "cpu:arch:x86_64"]
+    );
+    let start = job.deployment.start.cmdline().unwrap();
+    assert!(start.starts_with("b2c.ntp_peer=10.42.0.1 b2c.container=\"docker://registry.example.com/ci/test-image:latest\""), "{start}");
+    assert!(
+        start.ends_with("SALAD.machine_id=52:54:00:11:22:0a"),
+        "{start}"
+    );
+    let cont = job.deployment.continue_.cmdline().unwrap();
+    assert!(
+        cont.contains("collect-logs") && cont.contains("console=ttyS0,115200"),
+        "{cont}"
+    );
+}

@@ -188,6 +188,28 @@ pub struct LineMatch {
     pub events: Vec<ConsoleEvent>,
 }
 
+impl LineMatch {
+    /// The reference's control text: `Matched the following patterns: a, b`.
+    pub fn control_text(&self) -> String {
+        format!(
+            "Matched the following patterns: {}",
+            self.patterns.join(", ")
+        )
+    }
+
+    /// The control-message metadata of the `DUT_CONSOLE_PATTERN_MATCHED`
+    /// tag: `{"patterns": [...], "line": "<line, lossy UTF-8>"}`.
+    pub fn metadata(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("patterns".into(), serde_json::json!(self.patterns));
+        m.insert(
+            "line".into(),
+            serde_json::json!(String::from_utf8_lossy(&self.line)),
+        );
+        m
+    }
+}
+
 /// What one chunk of console bytes produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConsoleFeed {

@@ -190,6 +190,25 @@ pub struct TimeoutHit {
     pub is_retrying: bool,
 }
 
+impl TimeoutHit {
+    /// The control-message metadata of the reference's `TIMEOUT_HIT` tag:
+    /// `{"timeout": {"name", "seconds", "retries", "retried", "is_retrying"}}`.
+    pub fn metadata(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(
+            "timeout".into(),
+            serde_json::json!({
+                "name": self.name.to_string(),
+                "seconds": self.seconds,
+                "retries": self.retries,
+                "retried": self.retried,
+                "is_retrying": self.is_retrying,
+            }),
+        );
+        m
+    }
+}
+
 /// Watchdog events reported by the console matcher, applied with
 /// [`Timeouts::apply_watchdog`].
 #[derive(Debug, Clone, PartialEq, Eq)]
