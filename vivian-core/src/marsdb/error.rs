@@ -89,7 +89,10 @@ pub enum MarsDbError {
     Invalid(ValidationError),
     /// The database file holds an edit that does not validate; writes are
     /// refused until it is fixed, so the admin's file is not overwritten.
-    /// The REST layer maps it to 409.
+    /// Also returned (with a message saying so) when the file was edited
+    /// while the change was being saved: the edit is kept and loaded, the
+    /// change dropped, and retrying applies it on top of the edit. The REST
+    /// layer maps it to 409.
     #[error(
         "the MarsDB file has an invalid edit, refusing to overwrite it until it is fixed: {0}"
     )]

@@ -89,12 +89,24 @@ pub struct FileMarsDb {
     task: JoinHandle<()>,
 }
 
+/// Result of one change, sent to its caller once the batch is written.
+type Outcome = Result<Arc<Database>, MarsDbError>;
+
+struct State {
+    /// The bytes of the file as last read or written by us.
+    disk: Option<Vec<u8>>,
+    /// Changes applied in memory but not yet written (group commit): the
+    /// database they produce, not yet published.
+    pending: Option<Arc<Database>>,
+    /// The callers waiting for `pending` to be written.
+    batch: Vec<tokio::sync::oneshot::Sender<Outcome>>,
+}
+
 struct Inner {
     path: PathBuf,
     opts: FileOptions,
-    /// The bytes of the file as last read or written by us; also the write
-    /// lock.
-    disk: Mutex<Option<Vec<u8>>>,
+    /// The write lock and what it protects.
+    state: Mutex<State>,
     db: watch::Sender<Arc<Database>>,
     error: watch::Sender<Option<ValidationError>>,
     wake: Notify,
@@ -148,7 +160,11 @@ impl FileMarsDb {
         let inner = Arc::new(Inner {
             path: path.clone(),
             opts,
-            disk: Mutex::new(None),
+            state: Mutex::new(State {
+                disk: None,
+                pending: None,
+                batch: Vec::new(),
+            }),
             db: watch::Sender::new(Arc::new(initial)),
             error: watch::Sender::new(None),
             wake: Notify::new(),
@@ -176,8 +192,8 @@ impl FileMarsDb {
             .map_err(|e| io_err(&dir, std::io::Error::other(e)))?;
 
         {
-            let mut disk = inner.disk.lock().await;
-            inner.sync_from_disk(&mut disk).await?;
+            let mut st = inner.state.lock().await;
+            inner.sync_from_disk(&mut st.disk).await?;
         }
 
         let task = tokio::spawn(reload_loop(inner.clone()));
@@ -195,8 +211,8 @@ impl FileMarsDb {
 
     /// Re-reads the file now (what a file event does, without waiting).
     pub async fn reload(&self) -> Result<(), MarsDbError> {
-        let mut disk = self.inner.disk.lock().await;
-        self.inner.sync_from_disk(&mut disk).await
+        let mut st = self.inner.state.lock().await;
+        self.inner.sync_or_flush(&mut st).await
     }
 }
 
@@ -224,8 +240,8 @@ async fn reload_loop(inner: Arc<Inner>) {
                 _ = quiet => break,
             }
         }
-        let mut disk = inner.disk.lock().await;
-        if let Err(e) = inner.sync_from_disk(&mut disk).await {
+        let mut st = inner.state.lock().await;
+        if let Err(e) = inner.sync_or_flush(&mut st).await {
             tracing::error!(error = %e, "cannot read the MarsDB file");
         }
     }
@@ -248,6 +264,90 @@ impl Inner {
                 true
             }
         });
+    }
+
+    /// With the lock held: writes the pending batch if there is one, else
+    /// re-reads the file.
+    async fn sync_or_flush(&self, st: &mut State) -> Result<(), MarsDbError> {
+        if st.batch.is_empty() {
+            self.sync_from_disk(&mut st.disk).await
+        } else {
+            self.flush(st).await;
+            Ok(())
+        }
+    }
+
+    /// With the lock held: writes the pending database atomically,
+    /// publishes it and answers every caller of the batch. If the file was
+    /// edited since we last read it, the edit wins: the batch is refused
+    /// with [`MarsDbError::InvalidFile`] and the edit is loaded.
+    async fn flush(&self, st: &mut State) {
+        let batch = std::mem::take(&mut st.batch);
+        let Some(pending) = st.pending.take() else {
+            for tx in batch {
+                let _ = tx.send(Ok(self.db.borrow().clone()));
+            }
+            return;
+        };
+        let on_disk = match tokio::fs::read(&self.path).await {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                let msg = e.to_string();
+                for tx in batch {
+                    let _ = tx.send(Err(io_err(
+                        &self.path,
+                        std::io::Error::new(e.kind(), msg.clone()),
+                    )));
+                }
+                return;
+            }
+        };
+        if on_disk != st.disk {
+            tracing::warn!(
+                file = %self.path.display(),
+                "the MarsDB file was edited while {} change(s) were being saved; keeping the edit, refusing the changes",
+                batch.len()
+            );
+            let err = ValidationError::new(
+                "",
+                "the file was edited while this change was being saved; the edit was kept, retry the change",
+            )
+            .with_file(&self.path);
+            for tx in batch {
+                let _ = tx.send(Err(MarsDbError::InvalidFile(err.clone())));
+            }
+            if let Err(e) = self.sync_from_disk(&mut st.disk).await {
+                tracing::error!(error = %e, "cannot read the MarsDB file");
+            }
+            return;
+        }
+        let bytes = pending.to_yaml().into_bytes();
+        let path = self.path.clone();
+        let data = bytes.clone();
+        let written = match tokio::task::spawn_blocking(move || write_atomic(&path, &data)).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        match written {
+            Ok(()) => {
+                st.disk = Some(bytes);
+                self.db.send_replace(pending.clone());
+                for tx in batch {
+                    let _ = tx.send(Ok(pending.clone()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(file = %self.path.display(), error = %e, "cannot write the MarsDB file; {} change(s) dropped", batch.len());
+                let msg = e.to_string();
+                for tx in batch {
+                    let _ = tx.send(Err(io_err(
+                        &self.path,
+                        std::io::Error::new(e.kind(), msg.clone()),
+                    )));
+                }
+            }
+        }
     }
 
     /// Brings memory in line with the file: no-op when its bytes are the
@@ -341,33 +441,52 @@ impl MarsDb for FileMarsDb {
 
     async fn apply<'a>(&'a self, change: Change<'a>) -> Result<Arc<Database>, MarsDbError> {
         let inner = &self.inner;
-        let mut disk = inner.disk.lock().await;
-        // An edit whose file event is still pending must not be overwritten.
-        inner.sync_from_disk(&mut disk).await?;
-        if let Some(e) = self.error() {
-            return Err(MarsDbError::InvalidFile(e));
+        // Phase 1, under the lock: apply the change in memory on top of the
+        // pending (not yet written) state, and join the batch to write.
+        let mut rx = {
+            let mut st = inner.state.lock().await;
+            if st.batch.is_empty() {
+                // An edit whose file event is still pending must not be
+                // overwritten: read the file first.
+                inner.sync_from_disk(&mut st.disk).await?;
+            }
+            if let Some(e) = self.error() {
+                return Err(MarsDbError::InvalidFile(e));
+            }
+            let base = st.pending.clone().unwrap_or_else(|| self.snapshot());
+            let mut next = (*base).clone();
+            change(&mut next).map_err(MarsDbError::Rejected)?;
+            if next == *base && st.batch.is_empty() {
+                return Ok(base);
+            }
+            next.validate().map_err(MarsDbError::Invalid)?;
+            if let Some(v) = &inner.opts.validator {
+                v(&next).map_err(MarsDbError::Invalid)?;
+            }
+            st.pending = Some(Arc::new(next));
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            st.batch.push(tx);
+            rx
+        };
+        // Phase 2: write the batch, unless a caller queued before us already
+        // wrote it (together with our change). Changes queued while a
+        // write is in progress are written together by the next writer.
+        if let Ok(outcome) = rx.try_recv() {
+            return outcome;
         }
-        let current = self.snapshot();
-        let mut next = (*current).clone();
-        change(&mut next).map_err(MarsDbError::Rejected)?;
-        if next == *current {
-            return Ok(current);
+        {
+            let mut st = inner.state.lock().await;
+            if !st.batch.is_empty() {
+                inner.flush(&mut st).await;
+            }
         }
-        next.validate().map_err(MarsDbError::Invalid)?;
-        if let Some(v) = &inner.opts.validator {
-            v(&next).map_err(MarsDbError::Invalid)?;
+        match rx.await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(io_err(
+                &inner.path,
+                std::io::Error::other("the MarsDB write was abandoned"),
+            )),
         }
-        let bytes = next.to_yaml().into_bytes();
-        let path = inner.path.clone();
-        let data = bytes.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &data))
-            .await
-            .map_err(|e| io_err(&inner.path, std::io::Error::other(e)))?
-            .map_err(|e| io_err(&inner.path, e))?;
-        *disk = Some(bytes);
-        let next = Arc::new(next);
-        inner.db.send_replace(next.clone());
-        Ok(next)
     }
 }
 

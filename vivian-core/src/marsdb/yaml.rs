@@ -346,7 +346,7 @@ fn yaml11_implicit() -> &'static Regex {
             r"^(?:",
             r"(?i:y|n|yes|no|true|false|on|off)",
             r"|~|null|Null|NULL",
-            r"|[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?[0-9][0-9_]*",
+            r"|[-+]?0b[0-1_]+|[-+]?0o[0-7_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?[0-9][0-9_]*",
             r"|[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?",
             r"|[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?",
             r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+",
@@ -359,22 +359,48 @@ fn yaml11_implicit() -> &'static Regex {
     })
 }
 
+/// Whether `s` can be written as a plain scalar and read back as the same
+/// string by YAML 1.1 and 1.2 readers. Conservative: anything unusual is
+/// quoted (quoting is always correct, just noisier).
+fn plain_is_safe(s: &str) -> bool {
+    let Some(first) = s.chars().next() else {
+        return false;
+    };
+    if first.is_whitespace()
+        || s.ends_with(char::is_whitespace)
+        || s.ends_with(':')
+        || "-?:,[]{}#&*!|>'\"%@`".contains(first)
+        || s.contains(": ")
+        || s.contains(" #")
+        || s.chars()
+            .any(|c| special_char(c) || "#,[]{}'\"`\\".contains(c))
+    {
+        return false;
+    }
+    // Implicit scalars all start with one of these.
+    let may_be_implicit = first.is_ascii_digit() || "+-.~<=yYnNtTfFoO".contains(first);
+    !(may_be_implicit && yaml11_implicit().is_match(s))
+}
+
+/// Characters that only a double-quoted scalar can carry unchanged.
+fn special_char(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{feff}' | '\u{2028}' | '\u{2029}')
+}
+
 /// A string scalar as plain, single-quoted or double-quoted YAML text.
 fn quote(s: &str) -> String {
-    let single_line = !s.chars().any(|c| c.is_control());
-    if single_line && !yaml11_implicit().is_match(s) {
-        if let Ok(y) = serde_yaml::to_string(s) {
-            let y = y.strip_suffix('\n').unwrap_or(&y);
-            if y == s {
-                return s.to_string();
-            }
-        }
+    if plain_is_safe(s) {
+        return s.to_string();
     }
-    if single_line {
+    if !s.chars().any(special_char) {
         format!("'{}'", s.replace('\'', "''"))
     } else {
-        // JSON strings are valid YAML double-quoted scalars.
-        serde_json::to_string(s).unwrap_or_else(|_| "''".to_string())
+        // JSON strings are valid YAML double-quoted scalars; YAML also
+        // breaks lines at U+2028/U+2029, which JSON leaves as they are.
+        serde_json::to_string(s)
+            .unwrap_or_else(|_| "''".to_string())
+            .replace('\u{2028}', "\\u2028")
+            .replace('\u{2029}', "\\u2029")
     }
 }
 
@@ -400,6 +426,26 @@ mod tests {
             "a: b",
             "#x",
             "- x",
+            "-",
+            "a #b",
+            "x,y",
+            "[a]",
+            "{a}",
+            "*ref",
+            "&anchor",
+            "!tag",
+            "|",
+            ">",
+            "%x",
+            "@x",
+            "`x",
+            "0o17",
+            ".5",
+            "+1",
+            "trailing ",
+            "colon:",
+            "back\\slash",
+            "quote\"d",
         ] {
             let q = quote(s);
             assert!(q.starts_with('\'') || q.starts_with('"'), "{s:?} -> {q}");
@@ -415,9 +461,12 @@ mod tests {
         ] {
             assert_eq!(quote(s), s);
         }
-        let multi = "two\nlines";
-        let back: String = serde_yaml::from_str(&quote(multi)).unwrap();
-        assert_eq!(back, multi);
+        for multi in ["two\nlines", "tab\there", "ls\u{2028}x", "bom\u{feff}"] {
+            let q = quote(multi);
+            assert!(q.starts_with('"'), "{q}");
+            let back: String = serde_yaml::from_str(&q).unwrap();
+            assert_eq!(back, multi);
+        }
     }
 
     #[test]
@@ -443,6 +492,10 @@ mod tests {
         // A missing leaf points at its parent.
         let parent = locate(text, "duts.de:ad:be:ef:ca:fe.comment").unwrap();
         assert!(parent.0 >= 5 && parent.0 <= 9, "{parent:?}");
-        assert_eq!(locate("[unclosed", "pdus"), None);
+        assert_eq!(
+            locate("{unclosed: [", "duts.x"),
+            None,
+            "a syntax error: no location"
+        );
     }
 }
