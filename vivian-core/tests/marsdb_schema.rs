@@ -655,3 +655,18 @@ print(json.dumps(doc, default=conv))
     assert_eq!(doc["pdus"]["APC"]["config"]["hostname"], "10.0.0.2");
     assert_eq!(doc["gitlab"]["freedesktop"]["maximum_timeout"], 21600);
 }
+
+#[test]
+fn the_example_database_is_valid() {
+    let text = include_str!("../../examples/marsdb/mars_db.yaml");
+    let db = parse(text).unwrap();
+    assert_eq!(db.duts.len(), 2);
+    let second = &db.duts[&mac("52:54:00:11:22:01")];
+    assert_eq!(second.pdu_port(), Some(("VPDU", &PortId::from("1"))));
+    assert!(!second.ready_for_service);
+    assert_eq!(
+        db.full_name(&mac("52:54:00:11:22:01"), "farm").as_deref(),
+        Some("farm-virtio-2")
+    );
+    assert!(db.pdus["VPDU"].is_reserved(&PortId::from("9")));
+}
