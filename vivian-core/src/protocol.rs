@@ -672,6 +672,15 @@ impl SubmissionMetadata {
         Ok(meta)
     }
 
+    /// The target of the submission: the metadata's when present (it
+    /// overrides the job's entirely), else the job's.
+    pub fn effective_target(&self, job: &crate::job::Job) -> Target {
+        match &self.target {
+            Some(t) => t.to_target(),
+            None => job.target.clone(),
+        }
+    }
+
     /// The job id, or `untitled-<unix ts>` at `now`.
     pub fn job_id_or_default(&self, now: DateTime<Utc>) -> String {
         self.job_id

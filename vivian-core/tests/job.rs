@@ -506,3 +506,36 @@ fn example_jobs_are_valid() {
         "{cont}"
     );
 }
+
+#[test]
+fn submission_parse_and_target_selection() {
+    use vivian_core::protocol::{SubmissionMetadata, TargetOverride};
+    let job = Job::parse_for_submission(
+        SAMPLE,
+        "http://m:9000",
+        [("EXECUTOR_JOB__NTP_PEER", "ntp")],
+        &ParseOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(job.target.id.as_deref(), Some("machine_id"));
+    assert!(job
+        .deployment
+        .start
+        .cmdline()
+        .unwrap()
+        .contains("b2c.ntp_peer=ntp"));
+    let mut meta = SubmissionMetadata::new(1234);
+    assert_eq!(meta.effective_target(&job), job.target);
+    meta.target = Some(TargetOverride {
+        id: None,
+        tags: Some(vec!["gfx10".into()]),
+    });
+    let t = meta.effective_target(&job);
+    assert_eq!(
+        t.id, None,
+        "the metadata target overrides the job's entirely"
+    );
+    assert!(t.accepts_tags(&["gfx10", "farm:test"]));
+    assert!(!t.accepts_tags(&["gfx9"]));
+    assert!(vivian_core::job::Target::default().accepts_tags::<&str>(&[]));
+}

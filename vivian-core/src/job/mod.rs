@@ -150,6 +150,17 @@ pub struct Target {
     pub tags: Vec<String>,
 }
 
+impl Target {
+    /// Whether a DUT with these tags (for V2024+: `tags ∪ manual_tags ∪
+    /// {"farm:<FARM_NAME>"}`) satisfies the target's tags (subset
+    /// inclusion; no tags means any DUT). The id is checked by the caller.
+    pub fn accepts_tags<S: AsRef<str>>(&self, dut_tags: &[S]) -> bool {
+        self.tags
+            .iter()
+            .all(|t| dut_tags.iter().any(|d| d.as_ref() == t))
+    }
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "<Target: id={:?}, tags={:?}>", self.id, self.tags)
@@ -351,6 +362,27 @@ impl Job {
             console_patterns,
             deployment,
         })
+    }
+
+    /// Parses a job at submission time (EX B.1): rendered without a DUT
+    /// ([`TemplateVars::for_submission`]) plus the executor's
+    /// `EXECUTOR_JOB__*` variables from `env`. Used to find the target when
+    /// the metadata has none and to refuse an invalid job or a past deadline
+    /// before a DUT is chosen.
+    pub fn parse_for_submission<I, K, V>(
+        template: &str,
+        minio_url: &str,
+        env: I,
+        opts: &ParseOptions,
+    ) -> Result<Job, JobError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut vars = TemplateVars::for_submission(minio_url);
+        vars.add_job_env(env);
+        Job::from_template(template, &vars, opts)
     }
 
     /// Whether the job's deadline has passed at `now` (never without one).
