@@ -3,3 +3,4 @@
 #![warn(missing_docs)]
 pub mod simdut;
 pub mod client;
+pub mod vpdu;

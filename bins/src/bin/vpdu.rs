@@ -1,4 +1,72 @@
-fn main() {
-    eprintln!("vpdu: not implemented yet");
-    std::process::exit(1);
+//! `vpdu`: a virtual PDU speaking the reference's byte protocol, with a
+//! virtual DUT (MAC 52:54:00:11:22:<outlet>) behind each outlet.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use vivian::vpdu::{
+    command_duts, idle_duts, VpduConfig, VpduServer, DEFAULT_NUM_PORTS, DEFAULT_PORT,
+};
+
+/// A virtual PDU for Vivian: one TCP connection per 4-byte command.
+#[derive(Parser, Debug)]
+#[command(name = "vpdu", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    /// TCP port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// Number of outlets (1-255).
+    #[arg(long, default_value_t = DEFAULT_NUM_PORTS)]
+    num_ports: u8,
+    /// SALAD's netconsole port, given to the virtual DUTs (as
+    /// VPDU_SALAD_CONSOLE_PORT for --dut-command).
+    #[arg(long)]
+    salad_console_port: Option<u16>,
+    /// Shell command run while an outlet is ON (killed when it goes OFF),
+    /// with VPDU_OUTLET and VPDU_MAC in its environment. Without it, the
+    /// DUTs are idle.
+    #[arg(long)]
+    dut_command: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.num_ports == 0 {
+        bail!("--num-ports must be 1 to 255");
+    }
+    let config = VpduConfig {
+        num_ports: args.num_ports,
+        salad_console_port: args.salad_console_port,
+    };
+    let addr = (args.host.as_str(), args.port);
+    let server = match args.dut_command {
+        Some(cmd) => VpduServer::bind(addr, config, command_duts(cmd)).await,
+        None => VpduServer::bind(addr, config, idle_duts()).await,
+    }
+    .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let local = server.local_addr()?;
+    // Tests and scripts read this line to find a port picked with --port 0.
+    println!("vpdu: listening on {local} with {} outlets", args.num_ports);
+    server
+        .serve(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        })
+        .await;
+    Ok(())
 }
