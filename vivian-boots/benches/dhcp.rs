@@ -1,0 +1,167 @@
+//! DHCP throughput: full DORA exchanges per second with ISC's `perfdhcp`
+//! (package kea-admin) against our server, in a pair of network namespaces
+//! (perfdhcp acts as a relay: giaddr set, replies to port 67). The server's
+//! subnet is a /16 so the 30,000 simulated clients all get addresses.
+//!
+//! `cargo bench -p vivian-boots --bench dhcp` (needs root and perfdhcp).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{require, runtime, Netns};
+use vivian_boots::{Boots, BootsConfig, NetworkSource, SocketSource, Subnet};
+use vivian_core::netboot::{discard_events, StaticDuts};
+
+/// The server's decisions alone (parse, lease, encode), no sockets: the
+/// ceiling of what the socket loop can reach.
+fn engine_only() {
+    use std::time::Instant;
+    use vivian_boots::dhcp::{parse_request, DhcpConfig, DhcpEngine, DEFAULT_LEASE_TIME};
+    let engine = DhcpEngine::new(
+        DhcpConfig {
+            executor_url: "http://ci-gateway".into(),
+            tftp_root: "/nonexistent".into(),
+            lease_time: DEFAULT_LEASE_TIME,
+        },
+        Arc::new(StaticDuts::default()),
+        discard_events(),
+    );
+    let net = Subnet {
+        server_ip: Ipv4Addr::new(10, 97, 0, 1),
+        netmask: Ipv4Addr::new(255, 255, 0, 0),
+    };
+    let packet = |i: u32, t: u8, ip: Option<[u8; 4]>| {
+        let mut b = vec![0u8; 240];
+        b[0] = 1;
+        b[1] = 1;
+        b[2] = 6;
+        b[4..8].copy_from_slice(&i.to_be_bytes());
+        b[28..30].copy_from_slice(&[2, 0]);
+        b[30..34].copy_from_slice(&i.to_be_bytes());
+        b[236..240].copy_from_slice(&[99, 130, 83, 99]);
+        b.extend_from_slice(&[53, 1, t, 55, 4, 1, 3, 6, 51]);
+        if let Some(ip) = ip {
+            b.extend_from_slice(&[50, 4]);
+            b.extend_from_slice(&ip);
+        }
+        b.push(255);
+        b
+    };
+    let n = 50_000u32;
+    let t = Instant::now();
+    for i in 0..n {
+        let now = Instant::now();
+        let offer = engine
+            .handle(&parse_request(&packet(i, 1, None)).unwrap(), net, now)
+            .unwrap();
+        let ip = offer.reply.yiaddr.octets();
+        let ack = engine
+            .handle(&parse_request(&packet(i, 3, Some(ip))).unwrap(), net, now)
+            .unwrap();
+        assert_eq!(ack.reply.yiaddr.octets(), ip);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "DHCP engine alone (parse, allocate, encode; no sockets): {:.0} DORA/s over {n} clients",
+        n as f64 / secs
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    engine_only();
+    require("perfdhcp", "kea-admin");
+    let srv = Netns::new("bs");
+    let cli = Netns::new("bc");
+    let out = std::process::Command::new("ip")
+        .args([
+            "link", "add", "v0", "netns", &srv.name, "type", "veth", "peer", "name", "v1", "netns",
+            &cli.name,
+        ])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    srv.ip(&["addr", "add", "10.97.0.1/16", "dev", "v0"]);
+    srv.ip(&["link", "set", "v0", "up"]);
+    cli.ip(&["addr", "add", "10.97.0.2/16", "dev", "v1"]);
+    cli.ip(&["link", "set", "v1", "up"]);
+
+    let sock = srv.enter(|| {
+        vivian_boots::iface::bind_udp(
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 67)),
+            Some("v0"),
+            true,
+        )
+        .unwrap()
+    });
+    let rt = runtime();
+    let cfg = BootsConfig::new("v0", "/nonexistent", "http://ci-gateway");
+    let boots = {
+        let _g = rt.enter();
+        Boots::start_with(
+            &cfg,
+            SocketSource::Given(sock),
+            SocketSource::Disabled,
+            NetworkSource::Fixed(Subnet {
+                server_ip: Ipv4Addr::new(10, 97, 0, 1),
+                netmask: Ipv4Addr::new(255, 255, 0, 0),
+            }),
+            Arc::new(StaticDuts::default()),
+            discard_events(),
+        )
+        .unwrap()
+    };
+
+    println!("DHCP DORA exchanges with perfdhcp (relayed), 5 s per rate:");
+    for rate in ["5000", "10000", "15000", "20000"] {
+        let o = cli.run(
+            &[
+                "perfdhcp",
+                "-4",
+                "-l",
+                "v1",
+                "-r",
+                rate,
+                "-R",
+                "30000",
+                "-p",
+                "5",
+                "-W",
+                "200000",
+                "10.97.0.1",
+            ],
+            Duration::from_secs(30),
+        );
+        let text = String::from_utf8_lossy(&o.stdout);
+        // The report has a block per exchange: DISCOVER-OFFER, REQUEST-ACK.
+        let ra = text.split("REQUEST-ACK").nth(1).unwrap_or("");
+        let field = |name: &str| -> u64 {
+            ra.lines()
+                .find_map(|l| l.trim().strip_prefix(name))
+                .and_then(|v| v.trim_start_matches(':').trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let acks = field("received packets");
+        let sent = field("sent packets");
+        let avg = ra
+            .lines()
+            .find(|l| l.contains("avg delay"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        println!(
+            "  offered {rate:>5}/s: {:8.0} DORA/s completed ({acks} ACKs for {sent} REQUESTs), {avg}",
+            acks as f64 / 5.0
+        );
+        if acks == 0 {
+            eprintln!("{text}\n{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+    drop(boots);
+}

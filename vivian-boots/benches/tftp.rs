@@ -1,0 +1,133 @@
+//! TFTP throughput: our server against tftpd-hpa (`in.tftpd`) on loopback,
+//! a 100 MiB file fetched by a real client (atftp) with blksize 1468, with
+//! and without windowsize 16 (tftpd-hpa ignores windowsize and stays
+//! lock-step). Prints MB/s (1 MB = 10^6 bytes), best of 3 runs.
+//!
+//! `cargo bench -p vivian-boots --bench tftp` (needs tftpd-hpa and atftp).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{content, require, runtime, KillOnDrop};
+use vivian_boots::{TftpConfig, TftpServer};
+
+const SIZE: usize = 100 << 20;
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Fetches the file with atftp; returns MB/s.
+fn fetch(port: u16, window: Option<u32>, out: &std::path::Path) -> f64 {
+    let mut args = vec![
+        "--option".to_string(),
+        "blksize 1468".to_string(),
+        "--option".to_string(),
+        "tsize 0".to_string(),
+    ];
+    if let Some(w) = window {
+        args.push("--option".into());
+        args.push(format!("windowsize {w}"));
+    }
+    args.extend([
+        "-g".into(),
+        "-r".into(),
+        "big.bin".into(),
+        "-l".into(),
+        out.display().to_string(),
+        "127.0.0.1".into(),
+        port.to_string(),
+    ]);
+    let t = Instant::now();
+    let st = Command::new("timeout")
+        .arg("120")
+        .arg("atftp")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert!(st.success(), "atftp failed on port {port}");
+    let got = std::fs::metadata(out).unwrap().len();
+    assert_eq!(got as usize, SIZE, "short download");
+    SIZE as f64 / secs / 1e6
+}
+
+fn best_of(n: usize, mut f: impl FnMut() -> f64) -> f64 {
+    (0..n).map(|_| f()).fold(0.0, f64::max)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    require("in.tftpd", "tftpd-hpa");
+    require("atftp", "atftp");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.bin"), content(SIZE, 3)).unwrap();
+    let out = dir.path().join("out.bin");
+
+    // tftpd-hpa, foreground, on its own port.
+    let hpa_port = free_port();
+    let _hpa = KillOnDrop(
+        Command::new("in.tftpd")
+            .args([
+                "-L",
+                "-a",
+                &format!("127.0.0.1:{hpa_port}"),
+                "-s",
+                dir.path().to_str().unwrap(),
+                "-B",
+                "1468",
+            ])
+            .spawn()
+            .expect("start in.tftpd"),
+    );
+
+    // Ours, in this process.
+    let rt = runtime();
+    let ours_port = {
+        let _g = rt.enter();
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = sock.local_addr().unwrap().port();
+        sock.set_nonblocking(true).unwrap();
+        let sock = tokio::net::UdpSocket::from_std(sock).unwrap();
+        let server = TftpServer::new(
+            TftpConfig::new(dir.path()),
+            sock,
+            Arc::new(|_| None),
+            vivian_core::netboot::discard_events(),
+        )
+        .unwrap();
+        rt.spawn(server.run());
+        port
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let _: SocketAddr = format!("127.0.0.1:{ours_port}").parse().unwrap();
+
+    let hpa = best_of(3, || fetch(hpa_port, None, &out));
+    let ours = best_of(3, || fetch(ours_port, None, &out));
+    let hpa_w = best_of(3, || fetch(hpa_port, Some(16), &out));
+    let ours_w = best_of(3, || fetch(ours_port, Some(16), &out));
+    println!("TFTP 100 MiB on loopback, client atftp, blksize 1468, best of 3:");
+    println!("  tftpd-hpa  lock-step           : {hpa:8.1} MB/s");
+    println!(
+        "  vivian     lock-step           : {ours:8.1} MB/s  ({:.2}x)",
+        ours / hpa
+    );
+    println!("  tftpd-hpa  windowsize 16 asked : {hpa_w:8.1} MB/s (option ignored)");
+    println!(
+        "  vivian     windowsize 16       : {ours_w:8.1} MB/s  ({:.2}x tftpd-hpa)",
+        ours_w / hpa_w.max(hpa)
+    );
+}
