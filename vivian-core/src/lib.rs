@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod console;
+pub mod farm;
 pub mod job;
 pub mod marsdb;
 pub mod netboot;
