@@ -119,6 +119,31 @@ impl Accepted {
     }
 }
 
+/// The callback listener on an ephemeral port: dual-stack (IPv6 with
+/// IPv4-mapped addresses) when the host has IPv6, since the executor
+/// connects to the address our request came from; else IPv4 only, like the
+/// reference client.
+fn callback_listener() -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let dual = (|| {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        s.set_only_v6(false)?;
+        s.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        Ok::<_, std::io::Error>(s)
+    })();
+    let socket = match dual {
+        Ok(s) => s,
+        Err(_) => {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.bind(&std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)).into())?;
+            s
+        }
+    };
+    socket.listen(8)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
 fn form(p: &Prepared) -> anyhow::Result<Form> {
     let meta = serde_json::to_vec(&p.metadata)?;
     let mut form = Form::new()
@@ -149,7 +174,8 @@ fn form(p: &Prepared) -> anyhow::Result<Form> {
 /// `--wait` and on 420 a few times. Errors are printed; the status says how
 /// the client must exit.
 pub async fn submit(opts: &RunOptions, mut prepared: Prepared) -> Result<Accepted, JobStatus> {
-    let listener = match TcpListener::bind(("0.0.0.0", 0)).await {
+    let listener = callback_listener();
+    let listener = match listener {
         Ok(l) => l,
         Err(e) => {
             eprintln!("ERROR: cannot open a local port for the executor to connect back to: {e}");
