@@ -4,3 +4,5 @@
 pub mod simdut;
 pub mod client;
 pub mod vpdu;
+pub mod api;
+pub mod serve;

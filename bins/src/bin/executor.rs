@@ -87,10 +87,10 @@ fn check_config() -> ExitCode {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(farm = %config.farm_name, "configuration loaded");
-    anyhow::bail!(
-        "serving is not implemented yet in this build (the configuration for farm {:?} is valid; `executor --check-config` prints it)",
-        config.farm_name
-    )
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(vivian::serve::run_executor(config))
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,221 @@
+//! Serving the REST API: listeners (bound or inherited from systemd),
+//! request logging, graceful shutdown on SIGTERM/SIGINT.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::TcpListener;
+
+use anyhow::Context as _;
+use warp::Filter;
+
+/// Wraps `filter` so that every request is logged through tracing with its
+/// method, path, status and duration (target `vivian::http`).
+pub fn with_request_log<F>(
+    filter: F,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone + Send + Sync + 'static
+where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    filter
+        .with(warp::log::custom(|info: warp::log::Info<'_>| {
+            let micros = info.elapsed().as_micros() as u64;
+            tracing::info!(
+                target: "vivian::http",
+                method = %info.method(),
+                path = %info.path(),
+                status = info.status().as_u16(),
+                duration_us = micros,
+                "{} {} {} {}us",
+                info.method(),
+                info.path(),
+                info.status().as_u16(),
+                micros
+            );
+        }))
+        .map(warp::Reply::into_response)
+}
+
+/// Turns any rejection left over by `filter` (a path outside the API's
+/// prefixes, for instance) into a JSON `{"error": ...}` answer, so the
+/// server never answers with an empty body.
+pub fn with_json_fallback<F, R>(
+    filter: F,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone + Send + Sync + 'static
+where
+    F: Filter<Extract = (R,), Error = warp::Rejection> + Clone + Send + Sync + 'static,
+    R: warp::Reply + 'static,
+{
+    filter
+        .map(|r: R| warp::Reply::into_response(r))
+        .recover(|rej: warp::Rejection| async move {
+            Ok::<_, Infallible>(crate::api::rejection_response(&rej))
+        })
+        .unify()
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot install the SIGTERM handler: {e}");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    let mut int = match signal(SignalKind::interrupt()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot install the SIGINT handler: {e}");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+    }
+}
+
+/// Binds `host:port` for HTTP, naming the address in the error.
+pub fn bind_http(host: &str, port: u16) -> anyhow::Result<TcpListener> {
+    let addr = format!("{host}:{port}");
+    let l = TcpListener::bind(&addr)
+        .or_else(|e| {
+            // An IPv6 literal needs brackets in a socket address.
+            if host.contains(':') && !host.starts_with('[') {
+                TcpListener::bind(format!("[{host}]:{port}"))
+            } else {
+                Err(e)
+            }
+        })
+        .with_context(|| format!("cannot listen on {addr} (EXECUTOR_HOST:EXECUTOR_PORT)"))?;
+    Ok(l)
+}
+
+/// Serves `filter` on every listener until `shutdown` resolves, then lets
+/// in-flight requests finish and returns.
+pub async fn serve<F>(
+    filter: F,
+    listeners: Vec<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    anyhow::ensure!(!listeners.is_empty(), "no HTTP listener to serve on");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    for l in listeners {
+        l.set_nonblocking(true)
+            .context("cannot make the HTTP listener non-blocking")?;
+        let local = l.local_addr().ok();
+        let l = tokio::net::TcpListener::from_std(l)
+            .context("cannot register the HTTP listener with the runtime")?;
+        if let Some(a) = local {
+            tracing::info!("REST API listening on http://{a}");
+        }
+        let mut rx = rx.clone();
+        let server = warp::serve(filter.clone())
+            .incoming(l)
+            .graceful(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            });
+        servers.spawn(server.run());
+    }
+    shutdown.await;
+    let _ = tx.send(true);
+    while servers.join_next().await.is_some() {}
+    tracing::info!("REST API stopped");
+    Ok(())
+}
+
+/// Runs the executor's service until SIGTERM/SIGINT: opens MarsDB, starts
+/// the PDUs and the farm, and serves the REST API on the socket-activated
+/// `EXECUTOR_HTTP_IPv4_SOCKET_NAME` listeners, else on
+/// `EXECUTOR_HOST:EXECUTOR_PORT`. On shutdown, in-flight requests finish
+/// before the PDUs are stopped; MarsDB writes are atomic, so the file is
+/// consistent at any time.
+pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use vivian_core::farm::{Farm, FarmOptions};
+    use vivian_core::marsdb::{FileMarsDb, FileOptions, MarsDb, ValidationError, Validator};
+    use vivian_core::pdu::{PduManager, PduOptions};
+
+    // Listeners first, so that clients connecting during start-up wait
+    // instead of being refused.
+    let name = &config.executor_http_ipv4_socket_name;
+    let mut listeners = vivian_boots::activation::listeners_named(name)
+        .with_context(|| format!("socket activation of {name:?}"))?;
+    if listeners.is_empty() {
+        listeners.push(bind_http(&config.executor_host, config.executor_port)?);
+    } else {
+        tracing::info!(
+            "serving the REST API on {} socket-activated listener(s) named {name:?}",
+            listeners.len()
+        );
+    }
+
+    let registry = Arc::new(vivian_pdu::default_registry());
+    let reg2 = registry.clone();
+    let validator: Validator = Arc::new(move |db| {
+        for (pdu, p) in &db.pdus {
+            reg2.check(pdu, &p.driver)
+                .map_err(|e| ValidationError::new(format!("pdus.{pdu}.driver"), e.to_string()))?;
+        }
+        Ok(())
+    });
+    let opts = FileOptions {
+        vpdu_endpoint: config.executor_vpdu_endpoint.as_ref().map(|hp| {
+            if hp.host.contains(':') {
+                format!("[{}]:{}", hp.host, hp.port)
+            } else {
+                format!("{}:{}", hp.host, hp.port)
+            }
+        }),
+        validator: Some(validator),
+        ..FileOptions::default()
+    };
+    let db = FileMarsDb::open(&config.mars_db_file, opts)
+        .await
+        .with_context(|| format!("cannot open MARS_DB_FILE {}", config.mars_db_file.display()))?;
+    if let Some(e) = db.error() {
+        tracing::error!("MarsDB is invalid, starting with the last good (empty) database: {e}");
+    }
+    let db: Arc<dyn MarsDb> = Arc::new(db);
+    let pdus = Arc::new(PduManager::new(registry, PduOptions::default()));
+    let mut farm_opts = FarmOptions::new(config.farm_name.clone());
+    farm_opts.quick_check_enabled = config.quick_check_enabled();
+    let farm = Farm::new(db, pdus, farm_opts);
+    farm.start().await;
+
+    let netboot = Arc::new(vivian_core::netboot::DefaultNetboot::new(
+        config.boots_defaults.clone(),
+        farm.clone(),
+    ));
+    let state = crate::api::ApiState::with_options(
+        farm.clone(),
+        crate::api::ApiOptions {
+            netboot: Some(netboot),
+            minio_url: config.minio_url.as_str().to_string(),
+        },
+    );
+    let res = serve(
+        crate::api::server_filter(state),
+        listeners,
+        shutdown_signal(),
+    )
+    .await;
+    farm.shutdown().await;
+    tracing::info!("executor stopped");
+    res
+}
