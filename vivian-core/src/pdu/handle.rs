@@ -127,6 +127,9 @@ enum Msg {
         min_off_time: Option<Duration>,
         reply: Reply<()>,
     },
+    ReplaceMinOffTimes {
+        times: HashMap<String, Duration>,
+    },
     Refresh {
         reply: Reply<()>,
     },
@@ -307,6 +310,13 @@ impl PduHandle {
             reply,
         })
         .await
+    }
+
+    /// Replaces every port's minimum off time override at once (port id →
+    /// time; ports not listed go back to the driver's default). Does not
+    /// wait on the PDU, even one that was never initialised.
+    pub async fn replace_min_off_times(&self, times: HashMap<String, Duration>) {
+        let _ = self.tx.send(Msg::ReplaceMinOffTimes { times }).await;
     }
 
     /// Lists the ports again and polls their states now. Also the way to
@@ -684,6 +694,10 @@ impl Actor {
                 });
                 self.publish();
                 let _ = reply.send(r);
+            }
+            Msg::ReplaceMinOffTimes { times } => {
+                self.min_off = times;
+                self.publish();
             }
             Msg::Refresh { reply } => {
                 let r = self.handle_refresh().await;

@@ -36,6 +36,7 @@ pub mod dummy;
 mod error;
 mod handle;
 mod manager;
+mod marsdb;
 mod registry;
 mod types;
 
@@ -43,6 +44,7 @@ pub use driver::PduDriver;
 pub use error::PduError;
 pub use handle::{PduHandle, PduOptions, PduSnapshot, PduStatus, PortSnapshot};
 pub use manager::{PduManager, PduSpec};
+pub use marsdb::{min_off_times_from_marsdb, specs_from_marsdb};
 pub use registry::{DriverConstructor, DriverRegistry};
 pub use types::{PortInfo, PortState};
 
