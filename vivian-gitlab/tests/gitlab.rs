@@ -805,3 +805,38 @@ async fn a_bad_access_token_keeps_runners_and_is_reported() {
     assert_eq!(farm.fake.requests().len(), n);
     assert_eq!(farm.rec.reconcile(true).await.checked, 2);
 }
+
+#[tokio::test]
+async fn tokens_wait_in_memory_while_marsdb_refuses_writes() {
+    let farm = Farm::new(vec![dut(1, "gfx9", true, &["a"])]).await;
+    // An invalid edit of the file: MarsDB refuses every write.
+    farm.db
+        .set_error(Some(vivian_core::marsdb::ValidationError::new(
+            "duts",
+            "simulated invalid edit",
+        )));
+    let report = farm.rec.reconcile(true).await;
+    assert_eq!(report.registered, 2, "{report:?}");
+    assert!(report.pending_writes >= 2, "{report:?}");
+    assert!(
+        farm.db.snapshot().duts[&mac(1)]
+            .gitlab
+            .get("fake")
+            .is_none(),
+        "nothing written while the file is invalid"
+    );
+    let on_server = farm.fake.runner_by_description("testfarm-gfx9-1").unwrap();
+    // The new runner is served already, with its token from memory.
+    assert!(farm
+        .config_runners()
+        .contains(&("testfarm-gfx9-1".to_string(), on_server.token.clone())));
+    // Another pass registers nothing new.
+    let report = farm.rec.reconcile(true).await;
+    assert_eq!(report.registered, 0, "{report:?}");
+    // The file is fixed: the tokens are written back.
+    farm.db.set_error(None);
+    let report = farm.rec.reconcile(false).await;
+    assert_eq!(report.pending_writes, 0, "{report:?}");
+    assert_eq!(farm.entry(1).token, on_server.token);
+    assert_eq!(farm.fake.runners().len(), 2);
+}
