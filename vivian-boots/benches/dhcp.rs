@@ -141,14 +141,24 @@ fn main() {
         let text = String::from_utf8_lossy(&o.stdout);
         // The report has a block per exchange: DISCOVER-OFFER, REQUEST-ACK.
         let ra = text.split("REQUEST-ACK").nth(1).unwrap_or("");
-        let field = |name: &str| -> u64 {
-            ra.lines()
+        let dor = text
+            .split("DISCOVER-OFFER")
+            .nth(1)
+            .unwrap_or("")
+            .split("REQUEST-ACK")
+            .next()
+            .unwrap_or("");
+        let field = |block: &str, name: &str| -> u64 {
+            block
+                .lines()
                 .find_map(|l| l.trim().strip_prefix(name))
                 .and_then(|v| v.trim_start_matches(':').trim().parse().ok())
                 .unwrap_or(0)
         };
-        let acks = field("received packets");
-        let sent = field("sent packets");
+        let acks = field(ra, "received packets");
+        let sent = field(ra, "sent packets");
+        let discovers = field(dor, "sent packets");
+        let offers = field(dor, "received packets");
         let avg = ra
             .lines()
             .find(|l| l.contains("avg delay"))
@@ -156,7 +166,8 @@ fn main() {
             .trim()
             .to_string();
         println!(
-            "  offered {rate:>5}/s: {:8.0} DORA/s completed ({acks} ACKs for {sent} REQUESTs), {avg}",
+            "  offered {rate:>5}/s: {:8.0} DORA/s completed ({discovers} DISCOVERs, {offers} OFFERs, \
+             {sent} REQUESTs, {acks} ACKs), {avg}",
             acks as f64 / 5.0
         );
         if acks == 0 {
