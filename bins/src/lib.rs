@@ -6,3 +6,5 @@ pub mod client;
 pub mod vpdu;
 pub mod api;
 pub mod serve;
+pub mod engine;
+pub mod demo;

@@ -597,6 +597,32 @@ async fn idle(mut console: Console) {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::vpdu::OutletDut for SimDut {
+    async fn power_on(&mut self) -> Result<(), String> {
+        SimDut::power_on(self);
+        Ok(())
+    }
+
+    async fn power_off(&mut self) {
+        SimDut::power_off(self).await
+    }
+}
+
+/// A `vpdu` outlet factory of simulated DUTs: each outlet's machine boots
+/// from `executor_url` and connects its console to the outlet's SALAD
+/// console port (8006 when the server was given none) on `console_host`.
+pub fn sim_duts(executor_url: String, console_host: String) -> impl crate::vpdu::DutFactory {
+    move |o: &crate::vpdu::OutletInfo| {
+        let port = o.salad_console_port.unwrap_or(8006);
+        Box::new(SimDut::new(SimDutConfig::new(
+            &o.mac,
+            &executor_url,
+            &format!("{console_host}:{port}"),
+        ))) as Box<dyn crate::vpdu::OutletDut>
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,628 @@
+//! The job engine: runs the jobs the farm accepted (EX D.6, D.7).
+//!
+//! One tokio task per job. The sequence:
+//!
+//! 1. connect back to the submitter (the callback of the submission) and
+//!    open the job's log file (its path is the first control message);
+//! 2. render the job template for the DUT and parse it; refuse a job past
+//!    its deadline;
+//! 3. attach to the DUT's console (before power, so nothing is lost);
+//! 4. for each boot: publish the deployment (`start`, then `continue`) for
+//!    `boot.ipxe`, power the port OFF then ON (the PDU layer waits out the
+//!    minimum off time), then stream the console to the client, match the
+//!    console patterns line by line and apply the timeouts;
+//! 5. a `session_end` match, an exhausted retry budget, the overall timeout
+//!    or a cancel ends the session: power OFF, `session_end` with the
+//!    verdict (except on cancel: the client then reports INCOMPLETE), and
+//!    the DUT goes back to IDLE, or to TRAINING when it matched
+//!    `machine_unfit_for_service`.
+//!
+//! Failures are reported to the client as control messages that say whose
+//! fault they are: `infrastructure error` (PDU, console, ...), `job
+//! definition error` (the job description) or the DUT's own doing
+//! (timeouts, patterns).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use vivian_core::console::ConsoleSource;
+use vivian_core::farm::{AcceptedJob, Farm, FarmError, JobRunner};
+use vivian_core::job::{
+    ConsoleEvent, DeploymentState, Job, JobStatus, MachineVars, ParseOptions, RetryDecision,
+    TemplateVars, TimeoutName,
+};
+use vivian_core::marsdb::MarsDbExt;
+use vivian_core::netboot::Deployment as BootDeployment;
+use vivian_core::pdu::PortState;
+use vivian_core::protocol::{self, Message, Payload, Severity};
+
+/// How long the engine tries to connect back to a client.
+const CALLBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options of the [`JobEngine`].
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// `MINIO_URL`, for the `minio_url` template variable.
+    pub minio_url: String,
+    /// `EXECUTOR_JOB__*` variables, lower-case names without the prefix.
+    pub job_env: BTreeMap<String, String>,
+    /// Parse options (default `machine_unfit_for_service` pattern).
+    pub parse: ParseOptions,
+    /// Folder of the per-job log files.
+    pub log_dir: PathBuf,
+}
+
+/// The job engine: a [`JobRunner`] that runs jobs on the farm's DUTs.
+pub struct JobEngine {
+    console: Arc<dyn ConsoleSource>,
+    options: EngineOptions,
+}
+
+impl JobEngine {
+    /// An engine reading DUT consoles from `console`.
+    pub fn new(console: Arc<dyn ConsoleSource>, options: EngineOptions) -> Self {
+        JobEngine { console, options }
+    }
+}
+
+#[async_trait]
+impl JobRunner for JobEngine {
+    async fn start_job(&self, farm: Arc<Farm>, job: AcceptedJob) -> Result<(), FarmError> {
+        if job.submission.minio.as_ref().is_some_and(has_minio_groups) {
+            return Err(FarmError::Invalid(
+                "This executor does not support MinIO groups yet (executorctl -g): \
+                 the job was not started"
+                    .into(),
+            ));
+        }
+        let span = tracing::info_span!("job", dut = %job.dut, job = %job.submission.job_id);
+        let session = Session {
+            farm,
+            console: self.console.clone(),
+            options: self.options.clone(),
+            job,
+        };
+        tokio::spawn(session.run().instrument(span));
+        Ok(())
+    }
+}
+
+fn has_minio_groups(minio: &serde_json::Value) -> bool {
+    minio
+        .get("groups")
+        .and_then(|g| g.as_array())
+        .is_some_and(|g| !g.is_empty())
+}
+
+/// Where a control message's problem comes from.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Infrastructure,
+    JobDefinition,
+}
+
+impl Fault {
+    fn prefix(self) -> &'static str {
+        match self {
+            Fault::Infrastructure => "infrastructure error",
+            Fault::JobDefinition => "job definition error",
+        }
+    }
+}
+
+/// Sends messages to the client and to the job's log file. Writes to the
+/// client stop at the first failure (a client that went away); the log
+/// file gets everything.
+struct Reporter {
+    tx: mpsc::UnboundedSender<Message>,
+}
+
+impl Reporter {
+    fn ctrl(&self, text: impl Into<String>, severity: Severity) {
+        let _ = self.tx.send(Message::control(text, severity));
+    }
+    fn info(&self, text: impl Into<String>) {
+        self.ctrl(text, Severity::Info);
+    }
+    fn error(&self, fault: Fault, text: impl std::fmt::Display) {
+        self.ctrl(format!("{}: {text}", fault.prefix()), Severity::Error);
+    }
+    fn io(&self, data: &[u8]) {
+        let _ = self.tx.send(Message::job_io(data.to_vec()));
+    }
+    fn session_end(&self, status: JobStatus) {
+        let _ = self.tx.send(Message::session_end(status));
+    }
+}
+
+/// Writes every message to `log` (console bytes raw, control messages as
+/// `[vivian] ...` lines) and to the client until it fails.
+async fn pump_messages(
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    mut client: Option<tokio::net::tcp::OwnedWriteHalf>,
+    mut log: Option<tokio::fs::File>,
+) {
+    while let Some(msg) = rx.recv().await {
+        if let Some(file) = log.as_mut() {
+            let text: Vec<u8> = match &msg.payload {
+                Payload::JobIo(data) => data.clone(),
+                Payload::Control(c) => {
+                    format!("\n[vivian {:?}] {}\n", c.severity, c.msg).into_bytes()
+                }
+                Payload::SessionEnd(s) => {
+                    format!("\n[vivian] session end: {}\n", s.status).into_bytes()
+                }
+            };
+            if file.write_all(&text).await.is_err() {
+                log = None;
+            }
+        }
+        if let Some(w) = client.as_mut() {
+            if protocol::write_message(w, &msg).await.is_err() {
+                tracing::info!("the client went away; the job goes on, logged to its file");
+                client = None;
+            }
+        }
+    }
+    if let Some(mut f) = log {
+        let _ = f.flush().await;
+        let _ = f.sync_all().await;
+    }
+    if let Some(mut w) = client {
+        let _ = w.shutdown().await;
+    }
+}
+
+/// Replaces what cannot go in a file name.
+fn safe_file_name(job_id: &str) -> String {
+    let s: String = job_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    if s.is_empty() || s.starts_with('.') {
+        format!("job{s}")
+    } else {
+        s
+    }
+}
+
+struct Session {
+    farm: Arc<Farm>,
+    console: Arc<dyn ConsoleSource>,
+    options: EngineOptions,
+    job: AcceptedJob,
+}
+
+/// How a boot ended.
+enum BootEnd {
+    SessionEnd,
+    Reboot {
+        expired: Vec<TimeoutName>,
+        requested: bool,
+    },
+    Overall,
+    Cancelled,
+}
+
+impl Session {
+    async fn run(self) {
+        let dut = self.job.dut;
+        let job_id = self.job.submission.job_id.clone();
+        let unfit = self.run_inner().await;
+        if unfit {
+            let r = self
+                .farm
+                .db()
+                .update(move |db| -> Result<(), std::convert::Infallible> {
+                    if let Some(d) = db.duts.get_mut(&dut) {
+                        d.ready_for_service = false;
+                    }
+                    Ok(())
+                })
+                .await;
+            match r {
+                Ok(()) => {
+                    tracing::warn!("the DUT matched machine_unfit_for_service: back to training")
+                }
+                Err(e) => tracing::error!("cannot mark the DUT unfit for service: {e}"),
+            }
+        }
+        self.farm.job_finished(&dut, &job_id);
+        tracing::info!("job over");
+    }
+
+    /// Runs the job; returns whether the DUT was found unfit for service.
+    async fn run_inner(&self) -> bool {
+        let sub = &self.job.submission;
+        let dut = self.job.dut;
+
+        // 1. The client and the log file.
+        let client = connect_client(&sub.callback_host, sub.callback_port).await;
+        let (client_read, client_write) = match client {
+            Ok(s) => {
+                let (r, w) = s.into_split();
+                (Some(r), Some(w))
+            }
+            Err(e) => {
+                tracing::warn!("cannot connect back to the client: {e}");
+                (None, None)
+            }
+        };
+        let (log_path, log) = open_log(
+            &self.options.log_dir,
+            &format!(
+                "{}.{}",
+                safe_file_name(&sub.job_id),
+                dut.to_string().replace(':', "")
+            ),
+        )
+        .await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pump = tokio::spawn(pump_messages(rx, client_write, log));
+        let report = Reporter { tx };
+        report.info(format!(
+            "Job {} on {} (log: {})",
+            sub.job_id,
+            dut,
+            log_path.display()
+        ));
+        if client_read.is_none() {
+            // Nobody to stream to: the reference gives up on such jobs.
+            report.error(Fault::Infrastructure, "cannot connect back to the client");
+            drop(report);
+            let _ = pump.await;
+            return false;
+        }
+
+        let outcome = self.session(&report, client_read).await;
+        let unfit = match outcome {
+            Outcome::Verdict { status, unfit } => {
+                report.info(format!("Job finished with status {status}"));
+                report.session_end(status);
+                unfit
+            }
+            Outcome::SetupFail => {
+                report.session_end(JobStatus::SetupFail);
+                false
+            }
+            Outcome::Cancelled => {
+                report.ctrl("The job was cancelled", Severity::Warn);
+                false
+            }
+        };
+        drop(report);
+        let _ = pump.await;
+        unfit
+    }
+
+    async fn session(
+        &self,
+        report: &Reporter,
+        client_read: Option<tokio::net::tcp::OwnedReadHalf>,
+    ) -> Outcome {
+        let sub = &self.job.submission;
+        let dut = self.job.dut;
+        let db = self.farm.db().snapshot();
+        let Some(record) = db.duts.get(&dut).cloned() else {
+            report.error(
+                Fault::Infrastructure,
+                format!("the DUT {dut} is gone from MarsDB"),
+            );
+            return Outcome::SetupFail;
+        };
+
+        // 2. The job description, rendered for this DUT.
+        let machine = MachineVars {
+            id: dut.to_string(),
+            base_name: Some(record.base_name.clone()),
+            full_name: db.full_name(&dut, self.farm.farm_name()),
+            hostname: None,
+            tags: record.tags.clone(),
+            manual_tags: record.manual_tags.clone(),
+            mac_address: Some(record.mac_address.to_string()),
+            ip_address: Some(record.ip_address.to_string()),
+            local_tty_device: record.local_tty_device.clone(),
+            firmware_boot_time: None,
+            boot_sequence_power: None,
+            ready_for_service: record.ready_for_service,
+            comment: record.comment.clone(),
+        };
+        let mut vars = TemplateVars::for_dut(&machine, &self.options.minio_url, None);
+        vars.add_job_env(self.options.job_env.clone());
+        let job = match Job::from_template(&sub.job_text, &vars, &self.options.parse) {
+            Ok(j) => j,
+            Err(e) => {
+                report.error(Fault::JobDefinition, e);
+                return Outcome::SetupFail;
+            }
+        };
+        if job.is_past(chrono::Utc::now()) {
+            report.error(
+                Fault::JobDefinition,
+                "the job's deadline has passed: it was not started",
+            );
+            return Outcome::SetupFail;
+        }
+        if sub.tarball.is_some() {
+            report.ctrl(
+                "This executor has no job bucket support yet: the share directory was not \
+                 uploaded to the DUT and nothing will be mirrored back",
+                Severity::Warn,
+            );
+        }
+
+        // 3. Power and console.
+        let Some((pdu_name, port)) = record.pdu_port() else {
+            report.error(
+                Fault::Infrastructure,
+                format!("the DUT {dut} has no PDU port"),
+            );
+            return Outcome::SetupFail;
+        };
+        let Some(pdu) = self.farm.pdus().get(pdu_name) else {
+            report.error(Fault::Infrastructure, format!("unknown PDU {pdu_name}"));
+            return Outcome::SetupFail;
+        };
+        let port = port.as_str().to_string();
+        let attachment = match self.console.attach(&dut.to_string()).await {
+            Ok(a) => a,
+            Err(e) => {
+                report.error(Fault::Infrastructure, format!("console of {dut}: {e}"));
+                return Outcome::SetupFail;
+            }
+        };
+        let mut console_read = attachment.reader;
+        let mut console_write = attachment.writer;
+
+        self.farm.job_running(&dut, &sub.job_id);
+        let mut timeouts = job.timeouts.clone();
+        let mut matcher = job.console_matcher();
+        timeouts.on_job_start(std::time::Instant::now());
+
+        // Client input, forwarded to the console by the boot loop.
+        let (input_tx, mut input_rx) = mpsc::channel::<Vec<u8>>(64);
+        let client_reader = client_read.map(|r| tokio::spawn(read_client(r, input_tx)));
+
+        let mut first = true;
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut console_open = true;
+        let outcome = 'job: loop {
+            let state: &DeploymentState = if first {
+                &job.deployment.start
+            } else {
+                &job.deployment.continue_
+            };
+            self.farm.set_job_boot(&dut, &sub.job_id, boot_of(state));
+            report.info(if first {
+                "Powering the DUT off, then on, with the start deployment".to_string()
+            } else {
+                "Rebooting the DUT with the continue deployment".to_string()
+            });
+            first = false;
+            if let Err(e) = pdu.set_port_state(&port, PortState::Off).await {
+                report.error(
+                    Fault::Infrastructure,
+                    format!("cannot switch {pdu_name}/{port} OFF: {e}"),
+                );
+                break 'job Outcome::SetupFail;
+            }
+            if let Err(e) = pdu.set_port_state(&port, PortState::On).await {
+                report.error(
+                    Fault::Infrastructure,
+                    format!("cannot switch {pdu_name}/{port} ON: {e}"),
+                );
+                let _ = pdu.set_port_state(&port, PortState::Off).await;
+                break 'job Outcome::SetupFail;
+            }
+            timeouts.on_power_on(std::time::Instant::now());
+            matcher.reset_per_boot();
+
+            let end = loop {
+                let sleep_until = timeouts
+                    .next_expiry()
+                    .map(Instant::from_std)
+                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                tokio::select! {
+                    _ = self.job.cancel.cancelled() => break BootEnd::Cancelled,
+                    _ = tokio::time::sleep_until(sleep_until) => {
+                        let expired = timeouts.expired(std::time::Instant::now());
+                        if expired.contains(&TimeoutName::Overall) {
+                            break BootEnd::Overall;
+                        }
+                        if !expired.is_empty() {
+                            break BootEnd::Reboot { expired, requested: false };
+                        }
+                    }
+                    n = console_read.read(&mut buf), if console_open => match n {
+                        Ok(0) | Err(_) => {
+                            tracing::debug!("console stream closed");
+                            console_open = false;
+                        }
+                        Ok(n) => {
+                            let data = &buf[..n];
+                            report.io(data);
+                            let now = std::time::Instant::now();
+                            let feed = matcher.feed(data);
+                            if feed.activity {
+                                timeouts.on_console_activity(now);
+                            }
+                            let mut end = None;
+                            for m in feed.matches {
+                                report.info(format!(
+                                    "Matched the following patterns: {}",
+                                    m.patterns.join(", ")
+                                ));
+                                for ev in m.events {
+                                    match ev {
+                                        ConsoleEvent::SessionEnd => end = Some(BootEnd::SessionEnd),
+                                        ConsoleEvent::SessionReboot if end.is_none() => {
+                                            end = Some(BootEnd::Reboot { expired: vec![], requested: true });
+                                        }
+                                        ConsoleEvent::Watchdog { name, action } => {
+                                            timeouts.apply_watchdog(&name, &action, now)
+                                        }
+                                        _ => {}
+                                    }
+                                }
+                            }
+                            if let Some(e) = end {
+                                break e;
+                            }
+                        }
+                    },
+                    Some(input) = input_rx.recv() => {
+                        let _ = console_write.write_all(&input).await;
+                        let _ = console_write.flush().await;
+                    }
+                }
+            };
+
+            // Every boot ends with the power cut.
+            if let Err(e) = pdu.set_port_state(&port, PortState::Off).await {
+                report.error(
+                    Fault::Infrastructure,
+                    format!("cannot switch {pdu_name}/{port} OFF: {e}"),
+                );
+            }
+            match end {
+                BootEnd::SessionEnd => {
+                    break 'job Outcome::Verdict {
+                        status: matcher.status(),
+                        unfit: matcher.machine_unfit_for_service(),
+                    }
+                }
+                BootEnd::Cancelled => break 'job Outcome::Cancelled,
+                BootEnd::Overall => {
+                    report.ctrl("The overall timeout expired", Severity::Error);
+                    break 'job Outcome::Verdict {
+                        status: matcher.status(),
+                        unfit: matcher.machine_unfit_for_service(),
+                    };
+                }
+                BootEnd::Reboot { expired, requested } => {
+                    let (decision, hits) = timeouts.end_boot(&expired, requested);
+                    for hit in &hits {
+                        let what = match &hit.name {
+                            TimeoutName::BootCycle if requested && !expired.contains(&hit.name) => {
+                                "session_reboot requested".to_string()
+                            }
+                            name => format!("timeout {name} expired"),
+                        };
+                        report.ctrl(
+                            format!(
+                                "Hit: {what} (retry {}/{}){}",
+                                hit.retried,
+                                hit.retries,
+                                if hit.is_retrying {
+                                    ""
+                                } else {
+                                    ": no retries left"
+                                }
+                            ),
+                            Severity::Warn,
+                        );
+                    }
+                    match decision {
+                        RetryDecision::Reboot => continue 'job,
+                        RetryDecision::Abort { .. } => {
+                            break 'job Outcome::Verdict {
+                                status: matcher.status(),
+                                unfit: matcher.machine_unfit_for_service(),
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(h) = client_reader {
+            h.abort();
+        }
+        outcome
+    }
+}
+
+enum Outcome {
+    Verdict { status: JobStatus, unfit: bool },
+    SetupFail,
+    Cancelled,
+}
+
+fn boot_of(state: &DeploymentState) -> BootDeployment {
+    BootDeployment {
+        kernel: state.kernel.url.clone(),
+        initrd: state.initramfs.first().map(|a| a.url.clone()),
+        cmdline: state.cmdline(),
+    }
+}
+
+async fn connect_client(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(CALLBACK_CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{host}:{port}: timed out"),
+            )
+        })??;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Creates a new log file `<dir>/<stem>.log` (`<stem>-<n>.log` when that
+/// exists: job ids given by clients need not be unique).
+async fn open_log(dir: &Path, stem: &str) -> (PathBuf, Option<tokio::fs::File>) {
+    let _ = tokio::fs::create_dir_all(dir).await;
+    let mut path = dir.join(format!("{stem}.log"));
+    for n in 1..1000 {
+        match tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+        {
+            Ok(f) => return (path, Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                path = dir.join(format!("{stem}-{n}.log"));
+            }
+            Err(e) => {
+                tracing::warn!("cannot create the job log {}: {e}", path.display());
+                return (path, None);
+            }
+        }
+    }
+    (path, None)
+}
+
+/// Reads the client's frames and forwards `job_io` bytes as console input.
+async fn read_client<R: AsyncRead + Unpin>(mut r: R, input: mpsc::Sender<Vec<u8>>) {
+    loop {
+        match protocol::read_message(&mut r).await {
+            Ok(Some(msg)) => {
+                if let Payload::JobIo(data) = msg.payload {
+                    if input.send(data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(None) => return,
+            Err(e) if e.is_recoverable() => continue,
+            Err(_) => return,
+        }
+    }
+}
