@@ -73,11 +73,20 @@ impl std::fmt::Debug for FileOptions {
 ///   then fail with [`MarsDbError::InvalidFile`] and leave the file as the
 ///   admin wrote it. A removed file is treated the same way. Fixing the
 ///   file clears the error.
-/// * Writes are serialised. Before a write the file is re-read, so an edit
+/// * Writes are serialised, and committed in groups: changes that arrive
+///   while a write is in progress are applied in memory one after the
+///   other (each validated on top of the previous ones) and written
+///   together by the next write; each caller gets its answer once the
+///   write that holds its change is done (or has failed: then none of the
+///   group's changes is kept).
+/// * Before a write the file is re-read, so an edit
 ///   whose event is still pending is applied (or, if invalid, blocks the
 ///   write) rather than overwritten. Writes go to a temporary file in the
 ///   same folder, which is fsynced and renamed over the file, then the
 ///   folder is fsynced. Nothing is written when a change changes nothing.
+///   An edit of the file that lands while a group is being saved wins: the
+///   group is refused with [`MarsDbError::InvalidFile`] (saying so) and the
+///   edit is loaded.
 /// * A DUT entry without `first_seen` gets the current time, and keeps it
 ///   across reloads while the process runs; it is written to the file with
 ///   the next write.

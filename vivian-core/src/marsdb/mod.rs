@@ -134,6 +134,9 @@ pub trait MarsDb: Send + Sync {
     /// [`MarsDbError::Invalid`] (the result does not validate),
     /// [`MarsDbError::InvalidFile`] (the file has an invalid edit),
     /// [`MarsDbError::Io`].
+    ///
+    /// A caller that drops the returned future after its closure ran may
+    /// still see its change committed (with the next write).
     async fn apply<'a>(&'a self, change: Change<'a>) -> Result<Arc<Database>, MarsDbError>;
 }
 
