@@ -5,6 +5,7 @@
 //! executor                  serve (the default)
 //! executor serve            the same, spelled out
 //! executor --check-config   print the effective configuration and exit
+//! executor demo             a self-contained virtual farm on localhost
 //! ```
 //!
 //! The configuration comes from the environment only (see
@@ -35,6 +36,10 @@ struct Cli {
 enum Command {
     /// Run the service (the default when no command is given).
     Serve,
+    /// Run a self-contained virtual farm on localhost (no root, no
+    /// configuration): executor, console multiplexer, a virtual PDU with
+    /// simulated DUTs and a sample job streamed to the terminal.
+    Demo(vivian::demo::DemoArgs),
 }
 
 /// Exit status for an invalid configuration.
@@ -93,18 +98,46 @@ fn serve(config: Config) -> anyhow::Result<()> {
     runtime.block_on(vivian::serve::run_executor(config))
 }
 
+fn demo(args: vivian::demo::DemoArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("executor: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(vivian::demo::run_demo(args)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("executor demo: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.check_config {
         return check_config();
     }
+    // The demo prints its job to the terminal: keep the logs to warnings.
+    let default_filter = match cli.command {
+        Some(Command::Demo(_)) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Command::Demo(args)) = cli.command {
+        return demo(args);
+    }
     let config = match load_config() {
         Ok(c) => c,
         Err(e) => {
@@ -117,6 +150,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config),
+        Command::Demo(_) => unreachable!("handled before the configuration is loaded"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
