@@ -198,6 +198,31 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     let farm = Farm::new(db, pdus, farm_opts);
     farm.start().await;
 
+    // The job engine: consoles from SALAD_URL, job logs next to MarsDB.
+    let console: Arc<dyn vivian_core::console::ConsoleSource> = Arc::new(
+        vivian_salad::SaladClient::new(config.salad_url.as_str())
+            .map_err(|e| anyhow::anyhow!("SALAD_URL={}: {e}", config.salad_url.as_str()))?,
+    );
+    let log_dir = config
+        .mars_db_file
+        .parent()
+        .map(|d| d.join("job_logs"))
+        .unwrap_or_else(|| std::path::PathBuf::from("job_logs"));
+    farm.set_job_runner(Arc::new(crate::engine::JobEngine::new(
+        console,
+        crate::engine::EngineOptions {
+            minio_url: config.minio_url.as_str().to_string(),
+            job_env: config.job_environment(),
+            parse: vivian_core::job::ParseOptions {
+                default_machine_unfit_for_service: config
+                    .console_pattern_default_machine_unfit_for_service_regex
+                    .as_ref()
+                    .map(|r| r.as_str().to_string()),
+            },
+            log_dir,
+        },
+    )));
+
     let netboot = Arc::new(vivian_core::netboot::DefaultNetboot::new(
         config.boots_defaults.clone(),
         farm.clone(),
