@@ -430,6 +430,9 @@ impl Transfer {
         if self.params.oack {
             let oack = packet::oack(&self.oack);
             self.await_ack(&oack, 0, &mut rbuf)?;
+            self.sock
+                .set_read_timeout(Some(self.params.timeout))
+                .map_err(|e| e.to_string())?;
         }
 
         // `base` = first unacknowledged block (1-based, u64: no wrap).
@@ -444,17 +447,16 @@ impl Transfer {
                 let n = self.fill(&mut pkt, b, bs)?;
                 self.send(&pkt[..n])?;
             }
-            // Wait for an ACK that moves the window.
+            // Wait for an ACK that moves the window. The socket's read
+            // timeout stays at the transfer's timeout (no setsockopt per
+            // block): a stray packet can delay a retransmission by at most
+            // one more timeout.
             let deadline = Instant::now() + self.params.timeout;
             let mut advanced = false;
             loop {
-                let now = Instant::now();
-                if now >= deadline {
+                if Instant::now() >= deadline {
                     break;
                 }
-                self.sock
-                    .set_read_timeout(Some(deadline - now))
-                    .map_err(|e| e.to_string())?;
                 match self.sock.recv(&mut rbuf) {
                     Ok(n) => match packet::parse_client_packet(&rbuf[..n]) {
                         ClientPacket::Ack(a) => {
