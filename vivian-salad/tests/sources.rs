@@ -256,23 +256,28 @@ fn python312() -> PathBuf {
     )
 }
 
-/// The venv with `valve-gfx-ci.salad` 0.0.2, created on first use.
+/// The venv with `valve-gfx-ci.salad` 0.0.2, created on first use (under
+/// the port lock, so one process at a time). A marker file written after a
+/// successful install tells a complete venv from one left half-made by an
+/// interrupted run, which is removed and made again.
 fn reference_salad() -> PathBuf {
     let venv = Path::new(REF_VENV);
     let salad = venv.join("bin/salad");
-    if salad.exists() {
+    let marker = venv.join(".vivian-ready");
+    if marker.exists() && salad.exists() {
         return salad;
     }
+    let _ = std::fs::remove_dir_all(venv);
     let ok = Command::new(python312())
         .args(["-m", "venv", REF_VENV])
         .status()
         .expect("running python3.12 -m venv")
         .success();
     assert!(ok, "creating the venv {REF_VENV} failed");
-    let ok = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "valve-gfx-ci.salad==0.0.2"])
+    let ok = Command::new(venv.join("bin/python3"))
+        .args(["-m", "pip", "install", "-q", "valve-gfx-ci.salad==0.0.2"])
         .status()
-        .expect("running pip")
+        .expect("running pip in the venv")
         .success();
     assert!(ok, "pip install valve-gfx-ci.salad==0.0.2 failed");
     assert!(
@@ -280,6 +285,7 @@ fn reference_salad() -> PathBuf {
         "{} missing after pip install",
         salad.display()
     );
+    std::fs::write(&marker, b"valve-gfx-ci.salad==0.0.2\n").unwrap();
     salad
 }
 
