@@ -195,6 +195,18 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     let pdus = Arc::new(PduManager::new(registry, PduOptions::default()));
     let mut farm_opts = FarmOptions::new(config.farm_name.clone());
     farm_opts.quick_check_enabled = config.quick_check_enabled();
+    // GitLab runners: registered, verified and written to GITLAB_CONF_FILE
+    // at start-up, on every MarsDB change and every 30 minutes.
+    let gitlab = vivian_gitlab::Reconciler::new(
+        db.clone(),
+        Arc::new(
+            vivian_gitlab::GitlabClient::new(vivian_gitlab::GitlabClientOptions::default())
+                .context("cannot create the GitLab HTTP client")?,
+        ),
+        vivian_gitlab::ReconcilerSettings::from_config(&config, std::env::vars()),
+    )
+    .map_err(|e| anyhow::anyhow!("GitLab runners: {e}"))?;
+    let gitlab_task = gitlab.spawn();
     let farm = Farm::new(db, pdus, farm_opts);
     farm.start().await;
 
@@ -240,6 +252,8 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         shutdown_signal(),
     )
     .await;
+    gitlab.shutdown();
+    let _ = gitlab_task.await;
     farm.shutdown().await;
     tracing::info!("executor stopped");
     res
