@@ -1,0 +1,92 @@
+//! The `salad` binary: environment configuration and systemd socket
+//! activation of its HTTP API (started by `systemd-socket-activate` on the
+//! first connection), with a netconsole bound to a machine end to end.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn salad_binary_is_socket_activated_and_binds_netconsoles() {
+    let http = free_port();
+    let netconsole = free_port();
+    let logs = tempfile::tempdir().unwrap();
+    let child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(format!("127.0.0.1:{http}"))
+        .arg("--fdname=http_ipv4")
+        .arg(format!("-ESALAD_TCPCONSOLE_PORT={netconsole}"))
+        .arg("-ESALAD_TCPCONSOLE_HOST=127.0.0.1")
+        .arg("-ESALAD_MACHINE_HOST=127.0.0.1")
+        .arg("-ESALAD_SERIAL_GLOBS=")
+        .arg(format!("-ESALAD_LOG_DIR={}", logs.path().display()))
+        .arg(env!("CARGO_BIN_EXE_salad"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd) is needed");
+    let _guard = Kill(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", http)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first connection starts salad on the inherited socket.
+    let resp = http_get(http, "/api/v1/machine");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with(r#"{"machines":{}}"#), "{resp}");
+
+    // A netconsole binds to a machine, whose console lands in the log dir.
+    let mut dut = TcpStream::connect(("127.0.0.1", netconsole)).unwrap();
+    dut.write_all(b"SALAD.machine_id=binm\nhello\n").unwrap();
+    let log = logs.path().join("binm.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = http_get(http, "/api/v1/machine");
+        if resp.contains("\"binm\"")
+            && std::fs::read(&log).unwrap_or_default() == b"SALAD.machine_id=binm\nhello\n"
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "machine not bound or log not written: {resp}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
