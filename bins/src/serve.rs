@@ -194,7 +194,16 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     let db: Arc<dyn MarsDb> = Arc::new(db);
     let pdus = Arc::new(PduManager::new(registry, PduOptions::default()));
     let mut farm_opts = FarmOptions::new(config.farm_name.clone());
-    farm_opts.quick_check_enabled = config.quick_check_enabled();
+    // Quick checks and training are run by Sergent Hartman, which this
+    // executor does not have yet: a queued quick check would keep a ready
+    // DUT out of service forever, so none is queued.
+    if config.quick_check_enabled() {
+        tracing::warn!(
+            "SERGENT_HARTMAN_QUICK_CHECK is enabled, but this executor cannot run quick \
+             checks yet: ready DUTs go straight to IDLE"
+        );
+    }
+    farm_opts.quick_check_enabled = false;
     // GitLab runners: registered, verified and written to GITLAB_CONF_FILE
     // at start-up, on every MarsDB change and every 30 minutes.
     let gitlab = vivian_gitlab::Reconciler::new(

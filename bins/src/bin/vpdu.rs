@@ -25,10 +25,19 @@ struct Args {
     #[arg(long)]
     salad_console_port: Option<u16>,
     /// Shell command run while an outlet is ON (killed when it goes OFF),
-    /// with VPDU_OUTLET and VPDU_MAC in its environment. Without it, the
-    /// DUTs are idle.
-    #[arg(long)]
+    /// with VPDU_OUTLET and VPDU_MAC in its environment.
+    #[arg(long, conflicts_with = "executor_url")]
     dut_command: Option<String>,
+    /// Make every outlet's DUT a simulated machine that netboots from this
+    /// executor (`http://host:port`): it fetches `boot.ipxe`, its kernel and
+    /// initrd, connects its console to SALAD's netconsole and runs the
+    /// script of its kernel command line. Without it (and without
+    /// --dut-command) the DUTs are idle.
+    #[arg(long)]
+    executor_url: Option<String>,
+    /// Host of SALAD's netconsole for the simulated DUTs.
+    #[arg(long, default_value = "127.0.0.1")]
+    console_host: String,
 }
 
 #[tokio::main]
@@ -49,9 +58,17 @@ async fn main() -> anyhow::Result<()> {
         salad_console_port: args.salad_console_port,
     };
     let addr = (args.host.as_str(), args.port);
-    let server = match args.dut_command {
-        Some(cmd) => VpduServer::bind(addr, config, command_duts(cmd)).await,
-        None => VpduServer::bind(addr, config, idle_duts()).await,
+    let server = match (args.dut_command, args.executor_url) {
+        (Some(cmd), _) => VpduServer::bind(addr, config, command_duts(cmd)).await,
+        (None, Some(url)) => {
+            VpduServer::bind(
+                addr,
+                config,
+                vivian::simdut::sim_duts(url.trim_end_matches('/').to_string(), args.console_host),
+            )
+            .await
+        }
+        (None, None) => VpduServer::bind(addr, config, idle_duts()).await,
     }
     .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let local = server.local_addr()?;
