@@ -29,7 +29,9 @@ fn mac(i: usize) -> String {
 fn mars_db(comment: &str) -> String {
     let mut s = String::from("pdus:\n");
     for p in 0..PDUS {
-        s.push_str(&format!("  PDU{p}:\n    driver: dummy\n    config:\n      ports: ["));
+        s.push_str(&format!(
+            "  PDU{p}:\n    driver: dummy\n    config:\n      ports: ["
+        ));
         for port in 0..PORTS {
             if port > 0 {
                 s.push_str(", ");
@@ -63,12 +65,20 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One HTTP/1.1 GET on a keep-alive connection; returns the status and
 /// the body length.
-async fn get(conn: &mut TcpStream, buf: &mut Vec<u8>, request: &[u8]) -> std::io::Result<(u16, usize)> {
+async fn get(
+    conn: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    request: &[u8],
+) -> std::io::Result<(u16, usize)> {
     conn.write_all(request).await?;
     buf.clear();
     let mut tmp = [0u8; 65536];
@@ -88,7 +98,8 @@ async fn get(conn: &mut TcpStream, buf: &mut Vec<u8>, request: &[u8]) -> std::io
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .ok_or_else(|| std::io::Error::other("no content-length"))?;
     let mut have = buf.len() - header_end;
@@ -176,11 +187,20 @@ async fn wait_first_answer(port: u16, started: Instant) -> Duration {
     loop {
         if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)).await {
             let mut buf = Vec::new();
-            if let Ok((200, _)) = get(&mut c, &mut buf, b"GET /api/v1/duts HTTP/1.1\r\nHost: b\r\n\r\n").await {
+            if let Ok((200, _)) = get(
+                &mut c,
+                &mut buf,
+                b"GET /api/v1/duts HTTP/1.1\r\nHost: b\r\n\r\n",
+            )
+            .await
+            {
                 return started.elapsed();
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "no answer in 30 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no answer in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -203,13 +223,19 @@ fn write_by_rename(path: &Path, text: &str) {
 
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
-    let seconds: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let seconds: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
     let log = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into());
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("mars_db.yaml");
     std::fs::write(&db, mars_db("initial")).unwrap();
     let port = free_port();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_executor"))
         .env_clear()
@@ -227,11 +253,16 @@ fn main() {
     let pid = server.child.id();
     let first = rt.block_on(wait_first_answer(port, started));
     println!("executor pid {pid}, RUST_LOG={log}, {DUTS} DUTs, {PDUS} PDUs x {PORTS} ports, {CONNECTIONS} connections, {seconds} s per endpoint");
-    println!("first answer after start: {:.1} ms", first.as_secs_f64() * 1000.0);
+    println!(
+        "first answer after start: {:.1} ms",
+        first.as_secs_f64() * 1000.0
+    );
     // Let the PDUs list their ports.
     std::thread::sleep(Duration::from_millis(500));
 
-    let ids: Vec<String> = (0..DUTS).map(|i| format!("/api/v1/dut/{}", mac(i))).collect();
+    let ids: Vec<String> = (0..DUTS)
+        .map(|i| format!("/api/v1/dut/{}", mac(i)))
+        .collect();
     let cases: Vec<(&str, Vec<String>)> = vec![
         ("GET /api/v1/full-state", vec!["/api/v1/full-state".into()]),
         ("GET /api/v1/duts", vec!["/api/v1/duts".into()]),
@@ -248,14 +279,20 @@ fn main() {
             r.body
         );
     }
-    println!("RSS after the load: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+    println!(
+        "RSS after the load: {:.1} MiB",
+        rss_kib(pid) as f64 / 1024.0
+    );
 
     // Idle CPU over 5 s.
     let tick = 100.0; // USER_HZ on Linux
     let t0 = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(5));
     let t1 = cpu_ticks(pid);
-    println!("idle CPU: {:.2} % of a core", (t1 - t0) as f64 / tick / 5.0 * 100.0);
+    println!(
+        "idle CPU: {:.2} % of a core",
+        (t1 - t0) as f64 / tick / 5.0 * 100.0
+    );
     println!("RSS idle: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
 
     // Edit visibility: a comment changed in the file (saved by rename).
@@ -266,10 +303,16 @@ fn main() {
         write_by_rename(&db, &mars_db(&marker));
         rt.block_on(async {
             loop {
-                if fetch(port, &format!("/api/v1/dut/{}", mac(7))).await.contains(&marker) {
+                if fetch(port, &format!("/api/v1/dut/{}", mac(7)))
+                    .await
+                    .contains(&marker)
+                {
                     break;
                 }
-                assert!(t.elapsed() < Duration::from_secs(10), "edit not served in 10 s");
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "edit not served in 10 s"
+                );
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         });
