@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Kills the child when dropped.
-struct Proc(Child, &'static str);
+struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -71,7 +71,7 @@ fn serve_files(dir: &Path) -> (u16, Proc) {
         .stderr(Stdio::null())
         .spawn()
         .expect("python3 runs");
-    (port, Proc(child, "http.server"))
+    (port, Proc(child))
 }
 
 #[test]
@@ -100,7 +100,6 @@ fn executorctl_runs_a_job_through_salad_vpdu_and_executor() {
             .stderr(Stdio::null())
             .spawn()
             .expect("salad starts"),
-        "salad",
     );
     wait_http(&format!("http://127.0.0.1:{salad_port}/api/v1/machine"));
 
@@ -113,7 +112,6 @@ fn executorctl_runs_a_job_through_salad_vpdu_and_executor() {
             .stderr(Stdio::null())
             .spawn()
             .expect("vpdu starts"),
-        "vpdu",
     );
     let mut line = String::new();
     BufReader::new(vpdu.0.stdout.take().unwrap())
@@ -148,7 +146,6 @@ fn executorctl_runs_a_job_through_salad_vpdu_and_executor() {
             .stderr(Stdio::null())
             .spawn()
             .expect("executor starts"),
-        "executor",
     );
     let api = format!("http://127.0.0.1:{exec_port}");
     // Ready when the DUT is IDLE (its PDU answered).
