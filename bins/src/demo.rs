@@ -21,7 +21,7 @@ use warp::Filter;
 
 use vivian_core::console::ConsoleSource;
 use vivian_core::farm::{Farm, FarmOptions};
-use vivian_core::marsdb::{FileMarsDb, FileOptions, MarsDb, ValidationError, Validator};
+use vivian_core::marsdb::{FileMarsDb, FileOptions, MarsDb, Validator};
 use vivian_core::pdu::{PduManager, PduOptions};
 use vivian_salad::{InProcessConsoles, Salad, SaladConfig};
 
@@ -182,15 +182,7 @@ impl DemoFarm {
                 .with_context(|| format!("cannot write {}", db_path.display()))?;
         }
         let registry = Arc::new(vivian_pdu::default_registry());
-        let reg2 = registry.clone();
-        let validator: Validator = Arc::new(move |db| {
-            for (pdu, p) in &db.pdus {
-                reg2.check(pdu, &p.driver).map_err(|e| {
-                    ValidationError::new(format!("pdus.{pdu}.driver"), e.to_string())
-                })?;
-            }
-            Ok(())
-        });
+        let validator: Validator = registry.marsdb_validator();
         let db = FileMarsDb::open(
             &db_path,
             FileOptions {

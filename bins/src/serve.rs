@@ -148,7 +148,7 @@ where
 pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result<()> {
     use std::sync::Arc;
     use vivian_core::farm::{Farm, FarmOptions};
-    use vivian_core::marsdb::{FileMarsDb, FileOptions, MarsDb, ValidationError, Validator};
+    use vivian_core::marsdb::{FileMarsDb, FileOptions, MarsDb, Validator};
     use vivian_core::pdu::{PduManager, PduOptions};
 
     // Listeners first, so that clients connecting during start-up wait
@@ -166,14 +166,7 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     }
 
     let registry = Arc::new(vivian_pdu::default_registry());
-    let reg2 = registry.clone();
-    let validator: Validator = Arc::new(move |db| {
-        for (pdu, p) in &db.pdus {
-            reg2.check(pdu, &p.driver)
-                .map_err(|e| ValidationError::new(format!("pdus.{pdu}.driver"), e.to_string()))?;
-        }
-        Ok(())
-    });
+    let validator: Validator = registry.marsdb_validator();
     let opts = FileOptions {
         vpdu_endpoint: config.executor_vpdu_endpoint.as_ref().map(|hp| {
             if hp.host.contains(':') {
