@@ -66,6 +66,17 @@ async fn run(f: &DemoFarm, path: PathBuf, tweak: impl FnOnce(&mut RunOptions)) -
         .expect("the job ends in time")
 }
 
+/// Submits a job in the background (non-interactive, bounded in time).
+fn spawn_job(f: &DemoFarm, path: PathBuf) -> tokio::task::JoinHandle<JobStatus> {
+    let mut opts = RunOptions::new(f.api_url.clone(), path);
+    opts.interactive = false;
+    tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(120), run_job(&opts))
+            .await
+            .expect("the job ends in time")
+    })
+}
+
 async fn dut_json(f: &DemoFarm, id: &str) -> serde_json::Value {
     reqwest::get(format!("{}/api/v1/dut/{id}", f.api_url))
         .await
@@ -159,19 +170,10 @@ async fn verdicts_pass_fail_warn_complete() {
     let mut handles = Vec::new();
     for (name, text, want) in cases {
         let path = write_job(&f, dir.path(), &format!("{name}.yml"), &text);
-        let url = f.api_url.clone();
-        handles.push(tokio::spawn(async move {
-            let mut opts = RunOptions::new(url, path);
-            opts.interactive = false;
-            let got = tokio::time::timeout(Duration::from_secs(120), run_job(&opts))
-                .await
-                .expect("the job ends in time");
-            (name, got, want)
-        }));
+        handles.push((name, spawn_job(&f, path), want));
     }
-    for h in handles {
-        let (name, got, want) = h.await.unwrap();
-        assert_eq!(got, want, "job {name}");
+    for (name, h, want) in handles {
+        assert_eq!(h.await.unwrap(), want, "job {name}");
     }
     f.stop().await;
 }
@@ -255,12 +257,7 @@ async fn cancel_stops_a_running_job() {
     let dir = tempfile::tempdir().unwrap();
     let text = job(&["sim"], PATTERNS, &["print started", "hang"]);
     let path = write_job(&f, dir.path(), "cancel.yml", &text);
-    let url = f.api_url.clone();
-    let job = tokio::spawn(async move {
-        let mut opts = RunOptions::new(url, path);
-        opts.interactive = false;
-        run_job(&opts).await
-    });
+    let job = spawn_job(&f, path);
     wait_state(&f, "52:54:00:11:22:00", "RUNNING").await;
     // Wait for the DUT to boot, so the cancel lands mid-job.
     for _ in 0..200 {
@@ -325,12 +322,7 @@ async fn a_busy_dut_refuses_a_job_without_wait() {
     );
     let p1 = write_job(&f, dir.path(), "long.yml", &long);
     let p2 = write_job(&f, dir.path(), "second.yml", &long);
-    let url = f.api_url.clone();
-    let first = tokio::spawn(async move {
-        let mut opts = RunOptions::new(url, p1);
-        opts.interactive = false;
-        run_job(&opts).await
-    });
+    let first = spawn_job(&f, p1);
     wait_state(&f, "52:54:00:11:22:00", "RUNNING").await;
     assert_eq!(run(&f, p2, |_| {}).await, JobStatus::SetupFail);
     assert_eq!(first.await.unwrap(), JobStatus::Pass);
@@ -354,12 +346,7 @@ async fn jobs_spread_over_the_duts_matching_their_tags() {
     let mut handles = Vec::new();
     for i in 0..4 {
         let path = write_job(&f, dir.path(), &format!("j{i}.yml"), &text);
-        let url = f.api_url.clone();
-        handles.push(tokio::spawn(async move {
-            let mut opts = RunOptions::new(url, path);
-            opts.interactive = false;
-            run_job(&opts).await
-        }));
+        handles.push(spawn_job(&f, path));
     }
     for h in handles {
         assert_eq!(h.await.unwrap(), JobStatus::Pass);
