@@ -87,48 +87,31 @@ pub fn parse_json_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-/// The JSON type of a value, for error messages.
-pub fn json_type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
+pub use vivian_core::farm::field::json_type_name;
 
 /// Typed accessors that name the field and the expected type on error.
 pub mod field {
     use super::*;
 
+    use vivian_core::farm::field as core;
+
     fn wrong(name: &str, expected: &str, v: &Value) -> ApiError {
-        ApiError::bad_request(format!(
-            "The field '{name}' must be {expected}, not {}",
-            json_type_name(v)
-        ))
+        core::wrong(name, expected, v).into()
     }
 
     /// A string.
     pub fn string(name: &str, v: &Value) -> Result<String, ApiError> {
-        v.as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| wrong(name, "a string", v))
+        Ok(core::get_string(name, v)?)
     }
 
     /// A string or null.
     pub fn opt_string(name: &str, v: &Value) -> Result<Option<String>, ApiError> {
-        match v {
-            Value::Null => Ok(None),
-            Value::String(s) => Ok(Some(s.clone())),
-            _ => Err(wrong(name, "a string or null", v)),
-        }
+        Ok(core::get_opt_string(name, v)?)
     }
 
     /// A boolean.
     pub fn boolean(name: &str, v: &Value) -> Result<bool, ApiError> {
-        v.as_bool().ok_or_else(|| wrong(name, "a boolean", v))
+        Ok(core::get_bool(name, v)?)
     }
 
     /// A finite number (integer or float).
@@ -140,20 +123,7 @@ pub mod field {
 
     /// A list of strings.
     pub fn string_list(name: &str, v: &Value) -> Result<Vec<String>, ApiError> {
-        let arr = v
-            .as_array()
-            .ok_or_else(|| wrong(name, "a list of strings", v))?;
-        arr.iter()
-            .enumerate()
-            .map(|(i, item)| {
-                item.as_str().map(str::to_owned).ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "The field '{name}' must be a list of strings: item {i} is {}",
-                        json_type_name(item)
-                    ))
-                })
-            })
-            .collect()
+        Ok(core::get_tags(name, v)?)
     }
 
     /// A string or an integer, as a string (PDU port ids).

@@ -51,6 +51,12 @@ pub use job::{
     JobSubmission, JobTarget, NoJobEngine, RunningJob,
 };
 pub use ops::{DutPatch, DutRegistration, PortPatch};
+
+/// Typed accessors of JSON request fields whose errors name the field and
+/// the expected type (shared by the farm's mutations and the REST layer).
+pub mod field {
+    pub use super::ops::{get_bool, get_opt_string, get_string, get_tags, json_type_name, wrong};
+}
 pub use view::{
     compute_state, DutPduRef, DutState, DutView, FarmView, PduView, TrainingInfo, TrainingLoop,
     TrainingProgress, TrainingState,

@@ -12,7 +12,8 @@ use super::{DutState, Farm, FarmError, JobKind};
 use crate::marsdb::{Dut, MacAddr, MarsDbExt, PortId};
 use crate::pdu::{PduError, PortState};
 
-fn type_name(v: &Value) -> &'static str {
+/// The JSON type of a value, for error messages ("a boolean", ...).
+pub fn json_type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -23,20 +24,23 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn wrong(name: &str, expected: &str, v: &Value) -> FarmError {
+/// A 400 error: the field `name` must be `expected`, not what `v` is.
+pub fn wrong(name: &str, expected: &str, v: &Value) -> FarmError {
     FarmError::Invalid(format!(
         "The field '{name}' must be {expected}, not {}",
-        type_name(v)
+        json_type_name(v)
     ))
 }
 
-fn get_string(name: &str, v: &Value) -> Result<String, FarmError> {
+/// Field `name` as a string.
+pub fn get_string(name: &str, v: &Value) -> Result<String, FarmError> {
     v.as_str()
         .map(str::to_owned)
         .ok_or_else(|| wrong(name, "a string", v))
 }
 
-fn get_opt_string(name: &str, v: &Value) -> Result<Option<String>, FarmError> {
+/// Field `name` as a string or null.
+pub fn get_opt_string(name: &str, v: &Value) -> Result<Option<String>, FarmError> {
     match v {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(s.clone())),
@@ -44,11 +48,13 @@ fn get_opt_string(name: &str, v: &Value) -> Result<Option<String>, FarmError> {
     }
 }
 
-fn get_bool(name: &str, v: &Value) -> Result<bool, FarmError> {
+/// Field `name` as a boolean.
+pub fn get_bool(name: &str, v: &Value) -> Result<bool, FarmError> {
     v.as_bool().ok_or_else(|| wrong(name, "a boolean", v))
 }
 
-fn get_tags(name: &str, v: &Value) -> Result<Vec<String>, FarmError> {
+/// Field `name` as a list of strings.
+pub fn get_tags(name: &str, v: &Value) -> Result<Vec<String>, FarmError> {
     let arr = v
         .as_array()
         .ok_or_else(|| wrong(name, "a list of strings", v))?;
@@ -58,7 +64,7 @@ fn get_tags(name: &str, v: &Value) -> Result<Vec<String>, FarmError> {
             item.as_str().map(str::to_owned).ok_or_else(|| {
                 FarmError::Invalid(format!(
                     "The field '{name}' must be a list of strings: item {i} is {}",
-                    type_name(item)
+                    json_type_name(item)
                 ))
             })
         })
