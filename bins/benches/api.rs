@@ -244,6 +244,7 @@ fn main() {
         .env("EXECUTOR_HOST", "127.0.0.1")
         .env("EXECUTOR_PORT", port.to_string())
         .env("SERGENT_HARTMAN_QUICK_CHECK", "disabled")
+        .env("BOOTS_DISABLE_SERVERS", "1")
         .env("RUST_LOG", &log)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

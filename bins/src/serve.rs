@@ -185,6 +185,21 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         tracing::error!("MarsDB is invalid, starting with the last good (empty) database: {e}");
     }
     let db: Arc<dyn MarsDb> = Arc::new(db);
+    // DHCP and TFTP on PRIVATE_INTERFACE (or socket-activated), unless
+    // BOOTS_DISABLE_SERVERS is set. Boot events go to the log.
+    let boots = vivian_boots::Boots::start(
+        &vivian_boots::BootsConfig::from_config(&config),
+        Arc::new(vivian_core::netboot::MarsDbDuts::new(db.clone())),
+        Arc::new(|ev: vivian_core::netboot::BootEvent| {
+            tracing::debug!(target: "vivian::boots", mac = %ev.mac, dut = ?ev.dut_id, "{:?}", ev.kind);
+        }),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot start the boot servers: {e} (set BOOTS_DISABLE_SERVERS=1 to run without DHCP and TFTP)"
+        )
+    })?;
+
     let pdus = Arc::new(PduManager::new(registry, PduOptions::default()));
     let mut farm_opts = FarmOptions::new(config.farm_name.clone());
     // Quick checks and training are run by Sergent Hartman, which this
@@ -254,6 +269,7 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         shutdown_signal(),
     )
     .await;
+    boots.shutdown();
     gitlab.shutdown();
     let _ = gitlab_task.await;
     farm.shutdown().await;

@@ -148,6 +148,7 @@ fn executor_env(db_path: &Path, port: u16) -> Vec<(String, String)> {
         ("EXECUTOR_HOST", "127.0.0.1".into()),
         ("EXECUTOR_PORT", port.to_string()),
         ("SERGENT_HARTMAN_QUICK_CHECK", "disabled".into()),
+        ("BOOTS_DISABLE_SERVERS", "1".into()),
         ("BOOTS_DEFAULT_KERNEL", "http://h/kernel".into()),
         ("BOOTS_DEFAULT_INITRD", "http://h/initrd".into()),
         ("BOOTS_DEFAULT_CMDLINE", "console=ttyS0 a;b".into()),

@@ -154,3 +154,31 @@ fn unknown_arguments_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--no-such-flag"));
 }
+
+#[test]
+fn a_missing_private_interface_stops_start_up_naming_it_and_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("mars_db.yaml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = executor(
+        &[],
+        &[
+            ("FARM_NAME", "tchar"),
+            ("MARS_DB_FILE", db.to_str().unwrap()),
+            ("EXECUTOR_HOST", "127.0.0.1"),
+            ("EXECUTOR_PORT", &port.to_string()),
+            ("PRIVATE_INTERFACE", "no-such-if0"),
+            ("SERGENT_HARTMAN_QUICK_CHECK", "disabled"),
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "must not start: {stderr}");
+    assert!(
+        stderr.contains("no-such-if0") && stderr.contains("BOOTS_DISABLE_SERVERS"),
+        "the error names the interface and BOOTS_DISABLE_SERVERS: {stderr}"
+    );
+}
