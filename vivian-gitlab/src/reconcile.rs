@@ -46,6 +46,7 @@
 //! * Tokens never appear in logs or in the status snapshot.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -54,7 +55,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::{watch, Mutex, Notify};
 use vivian_core::marsdb::{
-    Database, GitlabInstance, GitlabRunner, MacAddr, MarsDb, MarsDbExt, RunnerType,
+    Database, Dut, GitlabInstance, GitlabRunner, MacAddr, MarsDb, MarsDbExt, RunnerType,
     PLACEHOLDER_TOKEN,
 };
 use vivian_core::runner::{
@@ -241,6 +242,9 @@ struct Inner {
     settings: ReconcilerSettings,
     pass: Mutex<PassState>,
     board: StdMutex<Board>,
+    /// Changes whenever a status of the board changes (see
+    /// [`Reconciler::status_version`]).
+    status_version: AtomicU64,
     trigger: Notify,
     shutdown: watch::Sender<bool>,
 }
@@ -521,6 +525,7 @@ impl Reconciler {
                 settings,
                 pass: Mutex::new(PassState::default()),
                 board: StdMutex::new(Board::default()),
+                status_version: AtomicU64::new(0),
                 trigger: Notify::new(),
                 shutdown: watch::Sender::new(false),
             }),
@@ -535,6 +540,18 @@ impl Reconciler {
     /// pass, or for an unknown DUT).
     pub fn dut_status(&self, id: &MacAddr) -> DutRunnerStatus {
         self.board().duts.get(id).cloned().unwrap_or_default()
+    }
+
+    /// A counter that changes whenever [`Reconciler::dut_status`] or
+    /// [`Reconciler::gateway_status`] may answer differently: a cache of
+    /// rendered statuses (the REST API's) stays valid while it holds.
+    /// Reading it takes no lock.
+    pub fn status_version(&self) -> u64 {
+        self.inner.status_version.load(Ordering::Acquire)
+    }
+
+    fn status_changed(&self) {
+        self.inner.status_version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The gateway runner's states by instance.
@@ -1008,6 +1025,11 @@ impl Reconciler {
             );
         }
         board.last_report = Some(report.clone());
+        let changed = board.duts != previous_duts || board.gateway != previous_gateway;
+        drop(board);
+        if changed {
+            self.status_changed();
+        }
         report
     }
 
@@ -1017,21 +1039,43 @@ impl Reconciler {
     /// A removal GitLab could not be reached for is retried at each pass
     /// (in memory) until it succeeds.
     pub async fn remove_dut_runners(&self, id: &MacAddr) -> RemovalReport {
+        self.remove_runners_of(id, None).await
+    }
+
+    /// Like [`Reconciler::remove_dut_runners`], for a DUT already removed
+    /// from MarsDB whose last record is `removed` (taken just before the
+    /// removal): its tokens are removed from GitLab too, even those no
+    /// pass has seen yet (a token an admin wrote into the file moments
+    /// before deleting the DUT through the API). With `None`, the tokens
+    /// are those of MarsDB's current record, if the DUT is still there.
+    pub async fn remove_runners_of(&self, id: &MacAddr, removed: Option<&Dut>) -> RemovalReport {
         let inner = &self.inner;
         let mut state = inner.pass.lock().await;
         let snap = inner.db.snapshot();
-        let mut runners: Vec<(RegistryEndpoint, Secret)> = match snap.duts.get(id) {
-            Some(dut) => dut
-                .gitlab
+        let tokens_of = |dut: &Dut| -> Vec<(RegistryEndpoint, Secret)> {
+            dut.gitlab
                 .iter()
                 .filter_map(|(name, e)| {
                     let gl = snap.gitlab.get(name)?;
                     e.token_looks_valid()
                         .then(|| (endpoint_of(name, gl), Secret::new(e.token.clone())))
                 })
-                .collect(),
+                .collect()
+        };
+        let mut runners: Vec<(RegistryEndpoint, Secret)> = match snap.duts.get(id) {
+            Some(dut) => tokens_of(dut),
             None => Vec::new(),
         };
+        if let Some(dut) = removed {
+            for r in tokens_of(dut) {
+                if !runners
+                    .iter()
+                    .any(|(ep, t)| ep.name == r.0.name && t == &r.1)
+                {
+                    runners.push(r);
+                }
+            }
+        }
         for (key, p) in &state.pending {
             if key.0 == Owner::Dut(*id) && p.token != PLACEHOLDER_TOKEN {
                 if let Some(gl) = snap.gitlab.get(&key.1) {
@@ -1086,7 +1130,10 @@ impl Reconciler {
                 tracing::warn!(dut = %id, error = %e, "cannot clear the removed runners' tokens in MarsDB");
             }
         }
-        self.board().duts.remove(id);
+        let had_status = self.board().duts.remove(id).is_some();
+        if had_status {
+            self.status_changed();
+        }
         report
     }
 }

@@ -665,6 +665,77 @@ async fn deleted_duts_have_their_runners_removed() {
 }
 
 #[tokio::test]
+async fn removing_a_deleted_duts_record_removes_tokens_no_pass_has_seen() {
+    let farm = Farm::new(vec![
+        dut(1, "gfx9", true, &["a"]),
+        dut(2, "gfx9", true, &["a"]),
+    ])
+    .await;
+    farm.rec.reconcile(true).await;
+    let seen = farm.entry(2).runner_id as u64;
+    // An admin pastes the token of a runner made by hand into DUT 2's
+    // entry, then deletes DUT 2 through the API before any pass ran: the
+    // REST layer hands over the record it had just before the removal.
+    let by_hand = client()
+        .register(
+            &endpoint(&farm.fake),
+            &RunnerSpec::new(
+                "by-hand",
+                vec!["x".to_string()],
+                3600,
+                RunnerScope::Instance,
+            ),
+        )
+        .await
+        .unwrap();
+    let mut record = farm.db.snapshot().duts[&mac(2)].clone();
+    record.gitlab.get_mut("fake").unwrap().token = by_hand.token.expose().to_string();
+    farm.edit(|db| {
+        db.duts.shift_remove(&mac(2));
+    })
+    .await;
+    let before = farm.rec.status_version();
+    let report = farm.rec.remove_runners_of(&mac(2), Some(&record)).await;
+    assert_eq!(report.removed, vec!["fake", "fake"], "{report:?}");
+    let left: Vec<u64> = farm.fake.runners().iter().map(|r| r.id).collect();
+    assert!(
+        !left.contains(&seen),
+        "the runner a pass saw is gone: {left:?}"
+    );
+    assert!(
+        !left.contains(&by_hand.id),
+        "the pasted token's runner is gone: {left:?}"
+    );
+    assert!(
+        left.contains(&(farm.entry(1).runner_id as u64)),
+        "DUT 1 keeps its runner"
+    );
+    assert!(farm.rec.dut_status(&mac(2)).is_empty());
+    assert_ne!(farm.rec.status_version(), before, "the status changed");
+}
+
+#[tokio::test]
+async fn status_version_changes_only_with_the_statuses() {
+    let farm = Farm::new(vec![dut(1, "gfx9", true, &["a"])]).await;
+    let v0 = farm.rec.status_version();
+    farm.rec.reconcile(true).await;
+    let v1 = farm.rec.status_version();
+    assert_ne!(v1, v0, "the first pass fills the statuses");
+    // Nothing new: the statuses, and so the version, stay (the REST API
+    // keeps its rendered DUT objects).
+    farm.rec.reconcile(false).await;
+    assert_eq!(farm.rec.status_version(), v1);
+    // Retiring the DUT changes its status.
+    farm.edit(|db| {
+        db.duts.get_mut(&mac(1)).unwrap().is_retired = true;
+    })
+    .await;
+    farm.rec.reconcile(false).await;
+    assert_ne!(farm.rec.status_version(), v1);
+    assert!(!farm.rec.dut_status(&mac(1))["fake"].active);
+}
+
+#[tokio::test]
 async fn removal_during_an_outage_is_retried() {
     let farm = Farm::new(vec![dut(1, "gfx9", true, &["a"])]).await;
     farm.rec.reconcile(true).await;
