@@ -23,6 +23,7 @@ pub mod activation;
 pub mod dhcp;
 pub mod iface;
 pub mod tftp;
+pub mod uboot;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -31,12 +32,13 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tracing::info;
-use vivian_core::netboot::{BootEventSink, DutLookup};
+use vivian_core::netboot::{ArtifactFetcher, BootEventSink, DutLookup, Netboot};
 
 pub use activation::{listeners_named, udp_sockets_named, ActivationError};
 pub use dhcp::{DhcpConfig, DhcpEngine, DhcpServer, LeaseTable, Subnet};
 pub use iface::NetworkSource;
-pub use tftp::{TftpConfig, TftpServer};
+pub use tftp::{DynamicFiles, TftpConfig, TftpContent, TftpServer};
+pub use uboot::{HttpFetcher, UbootFiles};
 
 /// Errors starting the boot servers.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +151,7 @@ pub struct Boots {
     dhcp: Option<(JoinHandle<()>, SocketAddr)>,
     tftp: Option<(JoinHandle<()>, SocketAddr, tftp::TftpStop)>,
     leases: Arc<Mutex<LeaseTable>>,
+    uboot: Arc<UbootFiles>,
 }
 
 impl Boots {
@@ -189,12 +192,14 @@ impl Boots {
             events.clone(),
         ));
         let leases = engine.leases();
+        let uboot = Arc::new(UbootFiles::new(duts.clone(), config.tftp_root.clone()));
         if config.disable_servers {
             info!("BOOTS_DISABLE_SERVERS is set: no DHCP, no TFTP");
             return Ok(Boots {
                 dhcp: None,
                 tftp: None,
                 leases,
+                uboot,
             });
         }
         let device = Some(config.private_interface.as_str()).filter(|d| !d.is_empty());
@@ -262,7 +267,8 @@ impl Boots {
                         .mac_of(ip, Instant::now())?;
                     duts2.by_mac(mac)
                 });
-                let server = TftpServer::new(tcfg, sock, resolver, events.clone())?;
+                let server = TftpServer::new(tcfg, sock, resolver, events.clone())?
+                    .with_dynamic(uboot.clone());
                 let stop = server.stopper();
                 Some((tokio::spawn(server.run()), addr, stop))
             }
@@ -277,7 +283,25 @@ impl Boots {
                 Some((tokio::spawn(server.run()), addr))
             }
         };
-        Ok(Boots { dhcp, tftp, leases })
+        Ok(Boots {
+            dhcp,
+            tftp,
+            leases,
+            uboot,
+        })
+    }
+
+    /// Sets what decides a machine's boot configuration for the U-Boot
+    /// boot script served over TFTP (the executor's [`Netboot`], also
+    /// behind `boot.ipxe`). Until it is set, U-Boot's names are refused.
+    pub fn set_netboot(&self, netboot: Arc<dyn Netboot>) {
+        self.uboot.set_netboot(netboot);
+    }
+
+    /// Replaces the plain HTTP download of the kernels and initrds that
+    /// U-Boot fetches over TFTP (by an artifact cache, for instance).
+    pub fn set_artifact_fetcher(&self, fetcher: Arc<dyn ArtifactFetcher>) {
+        self.uboot.set_fetcher(fetcher);
     }
 
     /// The DHCP server's local address, if it runs.

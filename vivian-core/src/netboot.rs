@@ -68,6 +68,50 @@ impl CpuArch {
             CpuArch::RiscV64 => "riscv64",
         }
     }
+
+    /// Upper-case name used in the U-Boot TFTP paths (`ARM64`, `X86_64`...).
+    pub fn uboot_name(self) -> &'static str {
+        match self {
+            CpuArch::X86 => "X86",
+            CpuArch::X86_64 => "X86_64",
+            CpuArch::Arm32 => "ARM32",
+            CpuArch::Arm64 => "ARM64",
+            CpuArch::RiscV32 => "RISCV32",
+            CpuArch::RiscV64 => "RISCV64",
+        }
+    }
+
+    /// Parses [`CpuArch::uboot_name`] (case-insensitive).
+    pub fn from_uboot_name(name: &str) -> Option<CpuArch> {
+        use CpuArch::*;
+        [X86, X86_64, Arm32, Arm64, RiscV32, RiscV64]
+            .into_iter()
+            .find(|a| a.uboot_name().eq_ignore_ascii_case(name))
+    }
+
+    /// The architecture id of U-Boot's legacy image header (`IH_ARCH_*`):
+    /// ARM 2, x86 3, ARM64 22, x86_64 24, RISC-V 26.
+    pub fn uboot_image_arch(self) -> u8 {
+        match self {
+            CpuArch::Arm32 => 2,
+            CpuArch::X86 => 3,
+            CpuArch::Arm64 => 22,
+            CpuArch::X86_64 => 24,
+            CpuArch::RiscV32 | CpuArch::RiscV64 => 26,
+        }
+    }
+
+    /// The architecture of the `BOOTS_DEFAULT_*` lookup (`I386` for 32-bit
+    /// x86); `None` for RISC-V, which has no level of its own there.
+    pub fn boot_arch(self) -> Option<Arch> {
+        match self {
+            CpuArch::X86 => Some(Arch::I386),
+            CpuArch::X86_64 => Some(Arch::X86_64),
+            CpuArch::Arm32 => Some(Arch::Arm32),
+            CpuArch::Arm64 => Some(Arch::Arm64),
+            CpuArch::RiscV32 | CpuArch::RiscV64 => None,
+        }
+    }
 }
 
 /// The firmware type of a netbooting machine.
@@ -396,6 +440,16 @@ impl BootRequest {
             platform: platform.and_then(|p| p.parse().ok()),
         }
     }
+
+    /// A U-Boot request (the boot script of IN B.7): bootloader `uboot`,
+    /// platform `uboot`, the CPU architecture of DHCP option 93.
+    pub fn uboot(arch: CpuArch) -> Self {
+        BootRequest {
+            bootloader: Bootloader::Uboot,
+            arch: arch.boot_arch(),
+            platform: Some(Platform::Uboot),
+        }
+    }
 }
 
 /// A job's deployment: what it asked its DUT to boot. Missing kernel and
@@ -488,6 +542,21 @@ pub trait Netboot: Send + Sync {
     ) -> Result<String, NetbootError> {
         let config = self.boot_config(dut_id, request).await?;
         Ok(render_ipxe_script(&config, request.platform))
+    }
+
+    /// The U-Boot script image served over TFTP at
+    /// `/dyn/bootloader/u-boot/<ARCH>/<machine_id>/boot.scr` (IN B.7):
+    /// [`render_uboot_script`] wrapped by [`uboot_script_image`].
+    async fn uboot_script(
+        &self,
+        dut_id: Option<&str>,
+        machine_id: &str,
+        arch: CpuArch,
+    ) -> Result<Vec<u8>, NetbootError> {
+        let config = self.boot_config(dut_id, &BootRequest::uboot(arch)).await?;
+        let script = render_uboot_script(&config, arch, machine_id);
+        let now = u32::try_from(Utc::now().timestamp()).unwrap_or(0);
+        Ok(uboot_script_image(&script, arch, now))
     }
 }
 
@@ -595,6 +664,210 @@ pub fn render_ipxe_script(config: &BootConfig, platform: Option<Platform>) -> St
         initrd = escape_ipxe(&config.initrd),
         cmdline = escape_ipxe(&config.cmdline),
     )
+}
+
+/// Where U-Boot's dynamic TFTP names start (IN B.7).
+pub const UBOOT_TFTP_PREFIX: &str = "/dyn/bootloader/u-boot/";
+
+/// One of the files a U-Boot DUT fetches over TFTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UbootFile {
+    /// `boot.scr`: the boot script image (the DHCP boot file).
+    Script,
+    /// `kernel`: the boot configuration's kernel.
+    Kernel,
+    /// `initrd`: the boot configuration's initramfs.
+    Initrd,
+}
+
+impl UbootFile {
+    /// The last component of the TFTP name.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            UbootFile::Script => "boot.scr",
+            UbootFile::Kernel => "kernel",
+            UbootFile::Initrd => "initrd",
+        }
+    }
+}
+
+/// A dynamic U-Boot TFTP name,
+/// `/dyn/bootloader/u-boot/<ARCH>/<machine_id>/{boot.scr,kernel,initrd}`.
+///
+/// The DHCP server gives U-Boot the `boot.scr` name; the script then
+/// fetches `kernel` and `initrd` next to it, which the TFTP server resolves
+/// to the URLs of the machine's boot configuration at that moment. So a
+/// DUT can only ever fetch what it is configured to boot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UbootPath {
+    /// The architecture (from DHCP option 93).
+    pub arch: CpuArch,
+    /// The machine id (the MAC address the DHCP server saw).
+    pub machine_id: String,
+    /// Which file.
+    pub file: UbootFile,
+}
+
+impl UbootPath {
+    /// Parses a TFTP name (leading `/` optional). `None` when the name is
+    /// not one of ours, or the architecture or machine id is invalid.
+    pub fn parse(name: &str) -> Option<UbootPath> {
+        let rest = name
+            .strip_prefix(UBOOT_TFTP_PREFIX)
+            .or_else(|| name.strip_prefix(&UBOOT_TFTP_PREFIX[1..]))?;
+        let mut parts = rest.split('/');
+        let (arch, id, file) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || id.is_empty() || id == "." || id == ".." {
+            return None;
+        }
+        let file = [UbootFile::Script, UbootFile::Kernel, UbootFile::Initrd]
+            .into_iter()
+            .find(|f| f.file_name() == file)?;
+        Some(UbootPath {
+            arch: CpuArch::from_uboot_name(arch)?,
+            machine_id: id.to_string(),
+            file,
+        })
+    }
+
+    /// The TFTP name.
+    pub fn tftp_name(&self) -> String {
+        format!(
+            "{UBOOT_TFTP_PREFIX}{}/{}/{}",
+            self.arch.uboot_name(),
+            self.machine_id,
+            self.file.file_name()
+        )
+    }
+}
+
+/// Quotes `text` as one word of U-Boot's hush shell: single quotes (no
+/// variable expansion inside), a `'` written as `'\''`, line breaks as
+/// spaces.
+pub fn quote_uboot(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('\'');
+    for c in text.chars() {
+        match c {
+            '\'' => out.push_str("'\\''"),
+            '\n' | '\r' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Renders the U-Boot boot script (hush commands) of IN B.7 for `config`.
+///
+/// U-Boot fetches the kernel and the initrd over TFTP by the names of
+/// [`UbootPath`] (the TFTP server maps them to `config`'s URLs). The device
+/// tree is `${fdtfile}` from the TFTP root when the board names one and it
+/// downloads, else the one U-Boot runs with (`${fdtcontroladdr}`). The
+/// kernel is booted with `booti` (arm64 `Image`, compressed ones through
+/// `kernel_comp_addr_r`/`kernel_comp_size`, defaulted here when unset),
+/// then `bootz` (arm32 `zImage`) if that returns.
+pub fn render_uboot_script(config: &BootConfig, arch: CpuArch, machine_id: &str) -> String {
+    let name = |file| {
+        quote_uboot(
+            &UbootPath {
+                arch,
+                machine_id: machine_id.to_string(),
+                file,
+            }
+            .tftp_name(),
+        )
+    };
+    // The platform arguments of IN B.5 are empty for U-Boot.
+    format!(
+        "echo 'Vivian: booting {id}'\n\
+         setenv bootargs {bootargs}\n\
+         echo Downloading the kernel\n\
+         tftp ${{kernel_addr_r}} {kernel}\n\
+         setenv vivian_kernel_size ${{filesize}}\n\
+         setenv fdt_addr ${{fdtcontroladdr}}\n\
+         if test -n \"${{fdtfile}}\" && test -n \"${{fdt_addr_r}}\"; then \
+         if tftp ${{fdt_addr_r}} ${{fdtfile}}; then setenv fdt_addr ${{fdt_addr_r}}; fi; fi\n\
+         echo Downloading the initrd\n\
+         tftp ${{ramdisk_addr_r}} {initrd}\n\
+         setenv ramdisk_size ${{filesize}}\n\
+         if test -z \"${{kernel_comp_size}}\"; then setenv kernel_comp_size ${{vivian_kernel_size}}; fi\n\
+         if test -z \"${{kernel_comp_addr_r}}\"; then \
+         setexpr kernel_comp_addr_r ${{ramdisk_addr_r}} + ${{ramdisk_size}}; \
+         setexpr kernel_comp_addr_r ${{kernel_comp_addr_r}} + 0x1000000; fi\n\
+         echo Booting!\n\
+         booti ${{kernel_addr_r}} ${{ramdisk_addr_r}}:${{ramdisk_size}} ${{fdt_addr}}\n\
+         bootz ${{kernel_addr_r}} ${{ramdisk_addr_r}}:${{ramdisk_size}} ${{fdt_addr}}\n",
+        id = machine_id.replace(['\'', '\n', '\r'], ""),
+        bootargs = quote_uboot(&config.cmdline),
+        kernel = name(UbootFile::Kernel),
+        initrd = name(UbootFile::Initrd),
+    )
+}
+
+/// Magic number of U-Boot's legacy image header.
+pub const UBOOT_IMAGE_MAGIC: u32 = 0x2705_1956;
+
+/// Wraps a script in U-Boot's legacy image format, as `mkimage -T script`
+/// does: a 64-byte big-endian header (magic, header CRC-32, `time`, data
+/// size, load 0, entry 0, data CRC-32, OS 5 = Linux, the architecture's
+/// `IH_ARCH`, type 6 = script, no compression, a 32-byte name), then the
+/// data: the script's length (u32), a 0 terminator, the script.
+pub fn uboot_script_image(script: &str, arch: CpuArch, time: u32) -> Vec<u8> {
+    let mut data = Vec::with_capacity(script.len() + 8);
+    data.extend_from_slice(&(script.len() as u32).to_be_bytes());
+    data.extend_from_slice(&0u32.to_be_bytes());
+    data.extend_from_slice(script.as_bytes());
+    let mut image = Vec::with_capacity(64 + data.len());
+    image.extend_from_slice(&UBOOT_IMAGE_MAGIC.to_be_bytes());
+    image.extend_from_slice(&0u32.to_be_bytes()); // header CRC, below
+    image.extend_from_slice(&time.to_be_bytes());
+    image.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    image.extend_from_slice(&0u32.to_be_bytes()); // load address
+    image.extend_from_slice(&0u32.to_be_bytes()); // entry point
+    image.extend_from_slice(&crc32(&data).to_be_bytes());
+    image.extend_from_slice(&[5, arch.uboot_image_arch(), 6, 0]);
+    let mut name = [0u8; 32];
+    let label = b"Vivian boot script";
+    name[..label.len()].copy_from_slice(label);
+    image.extend_from_slice(&name);
+    let hcrc = crc32(&image);
+    image[4..8].copy_from_slice(&hcrc.to_be_bytes());
+    image.extend_from_slice(&data);
+    image
+}
+
+/// CRC-32 (IEEE 802.3, reflected, as zlib and U-Boot compute it). Boot
+/// scripts are a few hundred bytes: the bitwise form is fast enough.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+/// Why an artifact could not be fetched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot fetch {url}: {reason}")]
+pub struct ArtifactError {
+    /// The artifact's URL.
+    pub url: String,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// Fetches boot artifacts (kernels, initrds) for bootloaders that cannot
+/// download URLs themselves: the TFTP server serves U-Boot's `kernel` and
+/// `initrd` names from what this returns. `vivian-boots` has a plain HTTP
+/// implementation; an artifact cache can provide its own.
+#[async_trait]
+pub trait ArtifactFetcher: Send + Sync {
+    /// An open, readable file holding the whole artifact at `url`.
+    async fn fetch(&self, url: &str) -> Result<std::fs::File, ArtifactError>;
 }
 
 #[cfg(test)]
@@ -767,5 +1040,105 @@ mod tests {
         let json = serde_json::to_value(&ev).unwrap();
         assert_eq!(json["type"], "unknown_netboot_request");
         assert_eq!(json["mac"], "01:02:03:04:05:06");
+    }
+
+    #[test]
+    fn uboot_paths_round_trip_and_refuse_others() {
+        let p = UbootPath {
+            arch: CpuArch::Arm64,
+            machine_id: "52:54:00:11:22:33".into(),
+            file: UbootFile::Script,
+        };
+        let name = p.tftp_name();
+        assert_eq!(
+            name,
+            "/dyn/bootloader/u-boot/ARM64/52:54:00:11:22:33/boot.scr"
+        );
+        assert_eq!(UbootPath::parse(&name), Some(p.clone()));
+        assert_eq!(UbootPath::parse(&name[1..]), Some(p));
+        let k = UbootPath::parse("/dyn/bootloader/u-boot/arm32/dut/kernel").unwrap();
+        assert_eq!((k.arch, k.file), (CpuArch::Arm32, UbootFile::Kernel));
+        for bad in [
+            "/dyn/bootloader/u-boot/ARM64/x/boot.scr/extra",
+            "/dyn/bootloader/u-boot/ARM64/../boot.scr",
+            "/dyn/bootloader/u-boot/ARM64//boot.scr",
+            "/dyn/bootloader/u-boot/MIPS/x/boot.scr",
+            "/dyn/bootloader/u-boot/ARM64/x/dtb",
+            "/boot.scr",
+        ] {
+            assert_eq!(UbootPath::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn uboot_script_and_image_format() {
+        let cfg = BootConfig {
+            kernel: "http://h/k".into(),
+            initrd: "http://h/i".into(),
+            cmdline: "b2c.container=\"-ti docker://x\" a;b it's ${x}".into(),
+        };
+        let s = render_uboot_script(&cfg, CpuArch::Arm64, "52:54:00:11:22:33");
+        assert!(
+            s.contains("setenv bootargs 'b2c.container=\"-ti docker://x\" a;b it'\\''s ${x}'\n"),
+            "{s}"
+        );
+        assert!(s.contains(
+            "tftp ${kernel_addr_r} '/dyn/bootloader/u-boot/ARM64/52:54:00:11:22:33/kernel'\n"
+        ));
+        assert!(s.contains(
+            "tftp ${ramdisk_addr_r} '/dyn/bootloader/u-boot/ARM64/52:54:00:11:22:33/initrd'\n"
+        ));
+        assert!(s.contains("setenv ramdisk_size ${filesize}\n"));
+        assert!(
+            s.contains("booti ${kernel_addr_r} ${ramdisk_addr_r}:${ramdisk_size} ${fdt_addr}\n")
+        );
+        // The kernel URL never reaches the script: only the TFTP name does.
+        assert!(!s.contains("http://h/k"));
+
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        let img = uboot_script_image(&s, CpuArch::Arm64, 0x6000_0000);
+        let be = |o: usize| u32::from_be_bytes(img[o..o + 4].try_into().unwrap());
+        assert_eq!(be(0), UBOOT_IMAGE_MAGIC);
+        assert_eq!(be(8), 0x6000_0000);
+        assert_eq!(be(12) as usize, img.len() - 64);
+        assert_eq!((be(16), be(20)), (0, 0));
+        assert_eq!(be(24), crc32(&img[64..]));
+        assert_eq!(&img[28..32], &[5, 22, 6, 0]);
+        let mut header = img[..64].to_vec();
+        header[4..8].fill(0);
+        assert_eq!(be(4), crc32(&header));
+        assert_eq!(be(64) as usize, s.len());
+        assert_eq!(be(68), 0);
+        assert_eq!(&img[72..], s.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn uboot_requests_use_the_uboot_defaults() {
+        // IN B.6 vector, for U-Boot on ARM64 (platform `uboot`).
+        let nb = DefaultNetboot::new(
+            BootDefaults::from_vars([
+                ("BOOTS_DEFAULT_KERNEL", "/kernel"),
+                ("BOOTS_DEFAULT_INITRD", "/initrd"),
+                ("BOOTS_DEFAULT_CMDLINE", "cmdline"),
+                ("BOOTS_DEFAULT_IPXE_ARM64_KERNEL", "/ipxe-arm64"),
+                ("BOOTS_DEFAULT_UBOOT_ARM64_UBOOT_INITRD", "/i-uboot"),
+                ("BOOTS_DEFAULT_ARM64_CMDLINE", "arm64"),
+            ]),
+            Arc::new(NoDeployments),
+        );
+        let req = BootRequest::uboot(CpuArch::Arm64);
+        assert_eq!(
+            (req.bootloader, req.arch, req.platform),
+            (Bootloader::Uboot, Some(Arch::Arm64), Some(Platform::Uboot))
+        );
+        let c = nb.boot_config(None, &req).await.unwrap();
+        assert_eq!(
+            (c.kernel.as_str(), c.initrd.as_str(), c.cmdline.as_str()),
+            ("/kernel", "/i-uboot", "arm64")
+        );
+        let img = nb.uboot_script(None, "m", CpuArch::Arm64).await.unwrap();
+        let text = String::from_utf8_lossy(&img[72..]);
+        assert!(text.contains("setenv bootargs 'arm64'\n"), "{text}");
+        assert!(text.contains("'/dyn/bootloader/u-boot/ARM64/m/initrd'"));
     }
 }

@@ -25,7 +25,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use vivian_core::netboot::{
     BootEvent, BootEventKind, BootEventSink, BootProtocol, ClientArch, CpuArch, DhcpMessage,
-    DutLookup, Firmware,
+    DutLookup, Firmware, UbootFile, UbootPath,
 };
 
 use crate::iface::NetworkSource;
@@ -381,8 +381,9 @@ impl DhcpEngine {
                 .is_some_and(|a| matches!(a.firmware, Firmware::UBoot | Firmware::Rpi))
     }
 
-    /// The boot file of IN B.3: the `boot.ipxe` URL for iPXE, else the iPXE
-    /// binary for the firmware, looked up in the TFTP root.
+    /// The boot file of IN B.3: the `boot.ipxe` URL for iPXE, the generated
+    /// boot script for U-Boot, else the iPXE binary for the firmware,
+    /// looked up in the TFTP root.
     fn bootfile(&self, req: &DhcpRequest, arch: Option<ClientArch>) -> Option<String> {
         let Some(arch) = arch else {
             warn!(mac = %req.mac, id = ?req.client_arch, "Unsupported architecture id in option 93");
@@ -411,6 +412,16 @@ impl DhcpEngine {
             Firmware::Bios => {
                 warn!(mac = %req.mac, "Unsupported BIOS architecture '{:?}'", arch.arch);
                 return None;
+            }
+            Firmware::UBoot => {
+                return Some(
+                    UbootPath {
+                        arch: arch.arch,
+                        machine_id: req.mac.to_string(),
+                        file: UbootFile::Script,
+                    }
+                    .tftp_name(),
+                );
             }
             Firmware::Uefi => {
                 let mut c = vec![format!("{buildarch}-snponly.efi")];

@@ -325,8 +325,31 @@ fn bootfile_choice() {
         r.bootfile.as_deref(),
         Some("http://ci-gateway/boot/02:02:02:02:02:02/boot.ipxe?platform=efi&buildarch=x86_64")
     );
-    // No boot file: HTTP boot, RISC-V, BIOS on ARM, U-Boot/RPi, unknown id.
-    for arch in [[0u8, 16], [0, 0x1b], [0, 0x15], [0, 0x29], [0, 0x42]] {
+    // U-Boot (IN B.7): the generated boot script, named by arch and MAC,
+    // even without option 55 asking for a boot file (U-Boot's own DHCP).
+    let uboot = |arch: &[u8]| {
+        f.engine
+            .handle(
+                &packet([2; 6], &[(53, &[1]), (93, arch), (60, b"U-Boot.armv8")]),
+                net(),
+                now,
+            )
+            .unwrap()
+            .reply
+    };
+    let r = uboot(&[0, 0x16]);
+    assert_eq!(
+        r.bootfile.as_deref(),
+        Some("/dyn/bootloader/u-boot/ARM64/02:02:02:02:02:02/boot.scr")
+    );
+    assert!(!r.ipxe_no_proxydhcp);
+    assert_eq!(
+        uboot(&[0, 0x15]).bootfile.as_deref(),
+        Some("/dyn/bootloader/u-boot/ARM32/02:02:02:02:02:02/boot.scr")
+    );
+    // No boot file: HTTP boot (UEFI or U-Boot), RISC-V, BIOS on ARM, RPi,
+    // unknown id.
+    for arch in [[0u8, 16], [0, 0x18], [0, 0x1b], [0, 0x29], [0, 0x42]] {
         assert_eq!(pxe(&arch, &[]).bootfile, None, "{arch:?}");
     }
     // Not a netboot request (no option 93, or no 67 and no PXEClient): plain lease.

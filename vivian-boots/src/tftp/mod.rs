@@ -10,10 +10,15 @@
 //! Files are served from the root only: a name with a `..` component, or
 //! whose resolved path (symlinks followed) leaves the root, a missing file
 //! and anything that is not a regular file are refused with ERROR 1.
-//! Write requests are refused with ERROR 4.
+//! Write requests are refused with ERROR 4. The one exception is the names
+//! a [`DynamicFiles`] provider claims (U-Boot's generated boot script and
+//! the artifacts it fetches, see [`crate::uboot`]): they are produced on
+//! request, on a task of their own so that a slow download never holds up
+//! other requests.
 
 pub mod packet;
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
@@ -21,7 +26,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -68,6 +73,62 @@ impl TftpConfig {
 
 /// Maps a client IP address to the DUT it belongs to, for boot events.
 pub type ClientResolver = Arc<dyn Fn(Ipv4Addr) -> Option<KnownDut> + Send + Sync>;
+
+/// What one transfer sends: a file, or bytes made on request.
+#[derive(Debug)]
+pub enum TftpContent {
+    /// An open file and its size.
+    File(File, u64),
+    /// Bytes in memory (a generated boot script).
+    Memory(Vec<u8>),
+}
+
+impl TftpContent {
+    /// An open file, sized from its metadata; refused unless it is a
+    /// regular file.
+    pub fn from_file(file: File) -> Result<TftpContent, String> {
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        if !meta.is_file() {
+            return Err("not a regular file".into());
+        }
+        Ok(TftpContent::File(file, meta.len()))
+    }
+
+    /// The number of bytes sent.
+    pub fn len(&self) -> u64 {
+        match self {
+            TftpContent::File(_, n) => *n,
+            TftpContent::Memory(v) => v.len() as u64,
+        }
+    }
+
+    /// True when there is nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match self {
+            TftpContent::File(f, _) => f.read_at(buf, offset),
+            TftpContent::Memory(v) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(v.len());
+                let n = buf.len().min(v.len() - start);
+                buf[..n].copy_from_slice(&v[start..start + n]);
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// Names served without a file in the root: the server asks the provider
+/// first, then (on `None`) looks in the root.
+#[async_trait::async_trait]
+pub trait DynamicFiles: Send + Sync {
+    /// The content of `name` for `client`. `None`: not one of this
+    /// provider's names. `Some(Err(reason))`: refused with "File not
+    /// found"; the reason goes to the log and the DUT's boot timeline.
+    async fn open(&self, name: &str, client: SocketAddr) -> Option<Result<TftpContent, String>>;
+}
 
 /// Why a file is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -170,11 +231,15 @@ pub fn negotiate(
 /// A TFTP server on one socket.
 pub struct TftpServer {
     config: TftpConfig,
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     resolver: ClientResolver,
     events: Arc<dyn BootEventSink>,
     stop: Arc<AtomicBool>,
     active: Arc<AtomicUsize>,
+    dynamic: Option<Arc<dyn DynamicFiles>>,
+    /// Dynamic requests being prepared, by client and name: a client
+    /// retransmitting its RRQ meanwhile must not start a second transfer.
+    pending: Arc<Mutex<HashSet<(SocketAddr, String)>>>,
 }
 
 /// Stops a [`TftpServer`]'s transfers when dropped or told to.
@@ -206,12 +271,20 @@ impl TftpServer {
             })?;
         Ok(TftpServer {
             config,
-            socket,
+            socket: Arc::new(socket),
             resolver,
             events,
             stop: Arc::new(AtomicBool::new(false)),
             active: Arc::new(AtomicUsize::new(0)),
+            dynamic: None,
+            pending: Arc::new(Mutex::new(HashSet::new())),
         })
+    }
+
+    /// Serves the names `dynamic` claims (before looking in the root).
+    pub fn with_dynamic(mut self, dynamic: Arc<dyn DynamicFiles>) -> Self {
+        self.dynamic = Some(dynamic);
+        self
     }
 
     /// A handle that stops running transfers.
@@ -271,13 +344,78 @@ impl TftpServer {
             )
             .await;
         }
-        let (file, size) = match open_in_root(&self.config.root, &req.filename) {
-            Ok(f) => f,
-            Err(e) => {
-                self.record(&req.filename, from, None, Some(e.to_string()));
-                return refuse(error_code::FILE_NOT_FOUND, e.to_string()).await;
+        let Some(dynamic) = self.dynamic.clone() else {
+            match open_in_root(&self.config.root, &req.filename) {
+                Ok((file, size)) => self.start(req, from, local_ip, TftpContent::File(file, size)),
+                Err(e) => {
+                    self.record(&req.filename, from, None, Some(e.to_string()));
+                    refuse(error_code::FILE_NOT_FOUND, e.to_string()).await;
+                }
             }
+            return;
         };
+        let key = (from, req.filename.clone());
+        if !self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone())
+        {
+            debug!(%from, file = %req.filename, "RRQ retransmitted while its file is being prepared");
+            return;
+        }
+        let this = self.handle();
+        self.active.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let opened = match dynamic.open(&req.filename, from).await {
+                Some(r) => r,
+                None => open_in_root(&this.config.root, &req.filename)
+                    .map(|(f, n)| TftpContent::File(f, n))
+                    .map_err(|e| e.to_string()),
+            };
+            this.active.fetch_sub(1, Ordering::SeqCst);
+            this.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            match opened {
+                Ok(content) => this.start(req, from, local_ip, content),
+                Err(e) => {
+                    debug!(%from, file = %req.filename, "TFTP refused: {e}");
+                    this.record(&req.filename, from, None, Some(e));
+                    let msg = Refusal::NotFound.to_string();
+                    let _ = this
+                        .socket
+                        .send_to(&packet::error(error_code::FILE_NOT_FOUND, &msg), from)
+                        .await;
+                }
+            }
+        });
+    }
+
+    /// A cheap copy of what transfers need (everything is shared).
+    fn handle(&self) -> TftpServer {
+        TftpServer {
+            config: self.config.clone(),
+            socket: self.socket.clone(),
+            resolver: self.resolver.clone(),
+            events: self.events.clone(),
+            stop: self.stop.clone(),
+            active: self.active.clone(),
+            dynamic: self.dynamic.clone(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Starts the transfer of `content` to `from` on a thread of its own.
+    fn start(
+        &self,
+        req: Request,
+        from: SocketAddr,
+        local_ip: Option<IpAddr>,
+        content: TftpContent,
+    ) {
+        let size = content.len();
         // The transfer socket: a new port on the address the request came
         // to (the client checks replies come from the server it asked), in
         // the network namespace of the listening socket (which may have
@@ -293,7 +431,7 @@ impl TftpServer {
         let stop = self.stop.clone();
         let transfer = move |sock| Transfer {
             sock,
-            file,
+            content,
             size,
             params,
             oack,
@@ -304,7 +442,7 @@ impl TftpServer {
         let active = self.active.clone();
         let resolver = self.resolver.clone();
         let events = self.events.clone();
-        let filename = req.filename.clone();
+        let filename = req.filename;
         let spawned = std::thread::Builder::new()
             .name("tftp-transfer".into())
             .spawn(move || {
@@ -406,7 +544,7 @@ fn transfer_socket(
 /// One transfer, run on its own thread with blocking I/O.
 struct Transfer {
     sock: StdUdpSocket,
-    file: File,
+    content: TftpContent,
     size: u64,
     params: Negotiated,
     oack: Vec<(&'static str, String)>,
@@ -532,7 +670,7 @@ impl Transfer {
         let mut got = 0;
         while got < want {
             match self
-                .file
+                .content
                 .read_at(&mut pkt[4 + got..4 + want], offset + got as u64)
             {
                 Ok(0) => break, // file shrank: send what there is
