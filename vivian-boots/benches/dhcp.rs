@@ -2,6 +2,10 @@
 //! (package kea-admin) against our server, in a pair of network namespaces
 //! (perfdhcp acts as a relay: giaddr set, replies to port 67). The server's
 //! subnet is a /16 so the 30,000 simulated clients all get addresses.
+//! Besides DORA/s (which on a shared 2-core machine depends on what else
+//! runs, perfdhcp included), it prints the server's CPU time per DORA
+//! (getrusage of this process, where the server runs) and the rate one
+//! fully used core would sustain at that cost.
 //!
 //! `cargo bench -p vivian-boots --bench dhcp` (needs root and perfdhcp).
 
@@ -12,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{require, runtime, Netns};
+use common::{require, runtime, rusage_cpu, Netns};
 use vivian_boots::{Boots, BootsConfig, NetworkSource, SocketSource, Subnet};
 use vivian_core::netboot::{discard_events, StaticDuts};
 
@@ -52,6 +56,7 @@ fn engine_only() {
         b
     };
     let n = 50_000u32;
+    let cpu0 = rusage_cpu(libc::RUSAGE_THREAD);
     let t = Instant::now();
     for i in 0..n {
         let now = Instant::now();
@@ -65,9 +70,12 @@ fn engine_only() {
         assert_eq!(ack.reply.yiaddr.octets(), ip);
     }
     let secs = t.elapsed().as_secs_f64();
+    let cpu = rusage_cpu(libc::RUSAGE_THREAD).saturating_sub(cpu0);
     println!(
-        "DHCP engine alone (parse, allocate, encode; no sockets): {:.0} DORA/s over {n} clients",
-        n as f64 / secs
+        "DHCP engine alone (parse, allocate, encode; no sockets): {:.0} DORA/s over {n} clients, \
+         {:.2} us CPU per DORA",
+        n as f64 / secs,
+        cpu.as_secs_f64() * 1e6 / n as f64
     );
 }
 
@@ -120,6 +128,12 @@ fn main() {
 
     println!("DHCP DORA exchanges with perfdhcp (relayed), 5 s per rate:");
     for rate in ["5000", "10000", "15000", "20000"] {
+        // The server's threads: everything in this process but this one
+        // (which only waits for perfdhcp).
+        let server_cpu =
+            || rusage_cpu(libc::RUSAGE_SELF).saturating_sub(rusage_cpu(libc::RUSAGE_THREAD));
+        let cpu0 = server_cpu();
+        let client0 = rusage_cpu(libc::RUSAGE_CHILDREN);
         let o = cli.run(
             &[
                 "perfdhcp",
@@ -138,6 +152,8 @@ fn main() {
             ],
             Duration::from_secs(30),
         );
+        let cpu = server_cpu().saturating_sub(cpu0);
+        let client_cpu = rusage_cpu(libc::RUSAGE_CHILDREN).saturating_sub(client0);
         let text = String::from_utf8_lossy(&o.stdout);
         // The report has a block per exchange: DISCOVER-OFFER, REQUEST-ACK.
         let ra = text.split("REQUEST-ACK").nth(1).unwrap_or("");
@@ -165,10 +181,15 @@ fn main() {
             .unwrap_or("")
             .trim()
             .to_string();
+        let per_dora = cpu.as_secs_f64() / acks.max(1) as f64;
         println!(
             "  offered {rate:>5}/s: {:8.0} DORA/s completed ({discovers} DISCOVERs, {offers} OFFERs, \
-             {sent} REQUESTs, {acks} ACKs), {avg}",
-            acks as f64 / 5.0
+             {sent} REQUESTs, {acks} ACKs), {avg}\n    server CPU {:.1} us per DORA \
+             (= {:.0} DORA/s per core), perfdhcp CPU {:.2} s",
+            acks as f64 / 5.0,
+            per_dora * 1e6,
+            1.0 / per_dora,
+            client_cpu.as_secs_f64()
         );
         if acks == 0 {
             eprintln!("{text}\n{}", String::from_utf8_lossy(&o.stderr));
