@@ -35,9 +35,38 @@ struct Args {
     /// --dut-command) the DUTs are idle.
     #[arg(long)]
     executor_url: Option<String>,
-    /// Host of SALAD's netconsole for the simulated DUTs.
+    /// Host of SALAD's netconsole for the simulated DUTs and the QEMU VMs.
     #[arg(long, default_value = "127.0.0.1")]
     console_host: String,
+    /// `qemu`: every outlet's DUT is a QEMU VM (x86_64, MAC of the outlet,
+    /// virtio NIC on a tap in --bridge, network boot first through the
+    /// NIC's iPXE ROM, serial port to SALAD's netconsole at
+    /// --console-host:--salad-console-port). ON starts it, OFF kills it.
+    /// KVM when /dev/kvm works and the CPU has VMX/SVM, TCG otherwise.
+    #[arg(long, value_enum, conflicts_with_all = ["dut_command", "executor_url"])]
+    dut: Option<DutKind>,
+    /// The bridge the QEMU VMs' NICs join (--dut qemu): the farm's private
+    /// network, where the executor's DHCP and TFTP servers listen.
+    #[arg(long, default_value = vivian::qemu::DEFAULT_BRIDGE)]
+    bridge: String,
+    /// QEMU binary (--dut qemu).
+    #[arg(long, default_value = vivian::qemu::DEFAULT_QEMU)]
+    qemu: std::path::PathBuf,
+    /// Memory of each QEMU VM, in MiB (--dut qemu).
+    #[arg(long, default_value_t = vivian::qemu::DEFAULT_MEMORY_MIB)]
+    qemu_memory: u32,
+    /// Extra QEMU argument for every VM, repeatable (--dut qemu).
+    #[arg(long, allow_hyphen_values = true)]
+    qemu_arg: Vec<String>,
+}
+
+/// What is behind the outlets.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DutKind {
+    /// Nothing: the outlets only keep their state.
+    Idle,
+    /// A QEMU virtual machine per outlet.
+    Qemu,
 }
 
 #[tokio::main]
@@ -59,6 +88,28 @@ async fn main() -> anyhow::Result<()> {
     };
     let addr = (args.host.as_str(), args.port);
     let server = match (args.dut_command, args.executor_url) {
+        _ if args.dut == Some(DutKind::Qemu) => {
+            let mut qemu = vivian::qemu::QemuConfig::new(args.bridge.clone());
+            qemu.qemu = args.qemu.clone();
+            qemu.memory_mib = args.qemu_memory;
+            qemu.extra_args = args.qemu_arg.clone();
+            qemu.salad_console = args
+                .salad_console_port
+                .map(|p| format!("{}:{p}", args.console_host));
+            qemu.check()
+                .map_err(|e| anyhow::anyhow!("--dut qemu: {e}"))?;
+            if qemu.salad_console.is_none() {
+                tracing::warn!(
+                    "--dut qemu without --salad-console-port: the VMs' serial output is dropped"
+                );
+            }
+            tracing::info!(
+                accel = qemu.accel.name(),
+                bridge = %qemu.bridge,
+                "outlets are QEMU VMs"
+            );
+            VpduServer::bind(addr, config, vivian::qemu::qemu_duts(qemu)).await
+        }
         (Some(cmd), _) => VpduServer::bind(addr, config, command_duts(cmd)).await,
         (None, Some(url)) => {
             VpduServer::bind(

@@ -1,0 +1,616 @@
+//! A farm of real (virtual) PCs: QEMU VMs behind `vpdu --dut qemu`, booting
+//! Debian's kernel and the busybox initramfs of `scripts/build-dut-image`
+//! through our DHCP, TFTP and `boot.ipxe`, their serial consoles through
+//! our `salad`, jobs submitted with our `executorctl`.
+//!
+//! Needs root (a network namespace with a bridge, taps) and QEMU (Debian's
+//! qemu-system-x86 and ipxe-qemu); the image needs apt-get download (the
+//! first run only; it is cached under /var/tmp/vivian-dut-image).
+//!
+//! Everything runs in a network namespace of this test's own thread
+//! (`unshare(CLONE_NEWNET)`): it is anonymous and disappears with the
+//! processes started in it, which are all stopped at the end (or on a
+//! failure; their logs are printed then).
+
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The farm's private network (the bridge in the namespace).
+const BRIDGE: &str = "br0";
+const SERVER_IP: &str = "10.42.0.1";
+const MACS: [&str; 2] = ["52:54:00:11:22:00", "52:54:00:11:22:01"];
+const DUT_IPS: [&str; 2] = ["10.42.0.10", "10.42.0.11"];
+const EXECUTOR_PORT: u16 = 80;
+const FILES_PORT: u16 = 9000;
+const VPDU_PORT: u16 = 9191;
+
+/// A child process stopped with SIGTERM (then SIGKILL after 5 s) on drop.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{} ignored SIGTERM: killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    let mut p = std::env::current_exe().unwrap();
+    p.pop();
+    if p.ends_with("deps") {
+        p.pop();
+    }
+    let p = p.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace (cargo test --workspace builds it)",
+        p.display()
+    );
+    p
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds (or finds in the cache) the DUT image; its folder.
+fn dut_image() -> PathBuf {
+    let out = Command::new(repo_root().join("scripts/build-dut-image"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/build-dut-image runs");
+    assert!(
+        out.status.success(),
+        "scripts/build-dut-image failed (it needs apt-get, dpkg-deb and cpio)"
+    );
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let dir = PathBuf::from(dir);
+    for f in ["vmlinuz", "initramfs.cpio.gz", "tftp/undionly.kpxe"] {
+        assert!(
+            dir.join(f).is_file(),
+            "the image has no {f} in {}",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// Moves this thread (and so every process it starts) into a new, empty
+/// network namespace, with `lo` and the farm's bridge up.
+fn enter_private_network() {
+    // SAFETY: unshare(2) of the calling thread's network namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    run("ip", &["link", "set", "lo", "up"]);
+    run("ip", &["link", "add", BRIDGE, "type", "bridge"]);
+    run(
+        "ip",
+        &["addr", "add", &format!("{SERVER_IP}/24"), "dev", BRIDGE],
+    );
+    // A link-local source for the router advertisements below.
+    run(
+        "ip",
+        &["-6", "addr", "add", "fe80::1/64", "dev", BRIDGE, "nodad"],
+    );
+    run("ip", &["link", "set", BRIDGE, "up"]);
+}
+
+/// Sends an IPv6 router advertisement on the bridge every 500 ms until
+/// `stop`: iPXE waits ~13 s for one after its DHCP otherwise (a farm's
+/// gateway has a router on the link). No prefix, lifetime 0: nobody
+/// configures anything from it.
+fn router_advertisements(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    // Not from /sys: sysfs shows the namespace that mounted it.
+    let name = std::ffi::CString::new(BRIDGE).unwrap();
+    // SAFETY: a valid C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no {BRIDGE} in the test's namespace");
+    let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
+        .expect("raw ICMPv6 socket (root)");
+    s.set_multicast_if_v6(index).unwrap();
+    s.set_multicast_hops_v6(255).unwrap();
+    s.set_multicast_loop_v6(false).unwrap();
+    let to = SockAddr::from(std::net::SocketAddrV6::new(
+        "ff02::1".parse().unwrap(),
+        0,
+        0,
+        index,
+    ));
+    // Type 134, code 0, checksum (the kernel fills it), hop limit 64,
+    // flags 0, router lifetime 0, reachable time 0, retransmit timer 0.
+    let ra = [134u8, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let _ = s.send_to(&ra, &to);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })
+}
+
+fn wait_http(url: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if reqwest::blocking::get(url).is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} never answered at {url}");
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The farm: every process, their logs; prints the logs if the test fails.
+struct Farm {
+    dir: tempfile::TempDir,
+    api: String,
+    procs: Vec<Proc>,
+    ra_stop: Arc<AtomicBool>,
+    ra: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for log in ["pass.out", "fail.out"] {
+                eprintln!(
+                    "----- {log} (last 40 lines) -----\n{}",
+                    tail(&self.dir.path().join(log), 40)
+                );
+            }
+            for log in ["executor", "vpdu", "salad"] {
+                eprintln!(
+                    "----- {log} log (last 60 lines) -----\n{}",
+                    tail(&self.dir.path().join(format!("{log}.log")), 60)
+                );
+            }
+        }
+        // The executor first (it drives the PDU), then the VMs' vpdu.
+        while let Some(p) = self.procs.pop() {
+            drop(p);
+        }
+        self.ra_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.ra.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::File::create(dir.join(format!("{name}.log"))).unwrap()
+}
+
+impl Farm {
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let r = reqwest::blocking::get(format!("{}{path}", self.api))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().unwrap()
+    }
+
+    fn state(&self, mac: &str) -> String {
+        self.get(&format!("/api/v1/dut/{mac}"))["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn wait_state(&self, mac: &str, want: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.state(mac);
+            if s == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{mac} is {s}, not {want}, after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs `job` with `executorctl run`; its exit code and stdout.
+    fn run_job(&self, name: &str, job: &str) -> (Option<i32>, String) {
+        let file = self.path(&format!("{name}.yml.j2"));
+        std::fs::write(&file, job).unwrap();
+        let out = Command::new(bin("executorctl"))
+            .args(["-e", &self.api, "run"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .output()
+            .expect("executorctl runs");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        std::fs::write(self.path(&format!("{name}.out")), &stdout).unwrap();
+        (out.status.code(), stdout)
+    }
+}
+
+/// Starts the farm: files (the "MinIO"), salad, vpdu with two QEMU outlets,
+/// the executor (REST, DHCP, TFTP) on the bridge, with `mars_db`.
+fn start_farm(image: &Path, mars_db: &str, extra_env: &[(&str, &str)]) -> Farm {
+    let dir = tempfile::Builder::new()
+        .prefix("qemu-farm")
+        .tempdir()
+        .unwrap();
+    let ra_stop = Arc::new(AtomicBool::new(false));
+    let mut farm = Farm {
+        api: format!("http://{SERVER_IP}:{EXECUTOR_PORT}"),
+        procs: Vec::new(),
+        ra: Some(router_advertisements(ra_stop.clone())),
+        ra_stop,
+        dir,
+    };
+    let d = farm.dir.path().to_path_buf();
+
+    // The boot artifacts, over HTTP (what MinIO serves in a real farm).
+    let boot = d.join("www/boot/vivian-dut");
+    std::fs::create_dir_all(&boot).unwrap();
+    for f in ["vmlinuz", "initramfs.cpio.gz"] {
+        std::os::unix::fs::symlink(image.join(f), boot.join(f)).unwrap();
+    }
+    farm.procs.push(Proc {
+        name: "file server",
+        child: Command::new("python3")
+            .args(["-m", "http.server", "--bind", SERVER_IP])
+            .arg(FILES_PORT.to_string())
+            .current_dir(d.join("www"))
+            .stdout(Stdio::null())
+            .stderr(log_file(&d, "files"))
+            .spawn()
+            .expect("python3 runs"),
+    });
+    wait_http(
+        &format!("http://{SERVER_IP}:{FILES_PORT}/boot/vivian-dut/vmlinuz"),
+        "the file server",
+    );
+
+    let salad_port = free_port();
+    let netconsole_port = free_port();
+    farm.procs.push(Proc {
+        name: "salad",
+        child: Command::new(bin("salad"))
+            .env("SALAD_PORT", salad_port.to_string())
+            .env("SALAD_TCPCONSOLE_PORT", netconsole_port.to_string())
+            .env("SALAD_TCPCONSOLE_HOST", "127.0.0.1")
+            .env("SALAD_MACHINE_HOST", "127.0.0.1")
+            .env("SALAD_LOG_DIR", d.join("consoles"))
+            .env("SALAD_SERIAL_GLOBS", "")
+            .stdout(Stdio::null())
+            .stderr(log_file(&d, "salad"))
+            .spawn()
+            .expect("salad starts"),
+    });
+    wait_http(
+        &format!("http://127.0.0.1:{salad_port}/api/v1/machine"),
+        "salad",
+    );
+
+    farm.procs.push(Proc {
+        name: "vpdu",
+        child: Command::new(bin("vpdu"))
+            .args(["--host", "127.0.0.1", "--port", &VPDU_PORT.to_string()])
+            .args(["--num-ports", "2", "--dut", "qemu", "--bridge", BRIDGE])
+            .args(["--salad-console-port", &netconsole_port.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file(&d, "vpdu"))
+            .spawn()
+            .expect("vpdu starts"),
+    });
+
+    let db = d.join("mars_db.yaml");
+    std::fs::write(&db, mars_db).unwrap();
+    let mut executor = Command::new(bin("executor"));
+    executor
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("FARM_NAME", "qemu-farm")
+        .env("MARS_DB_FILE", &db)
+        .env("EXECUTOR_HOST", "0.0.0.0")
+        .env("EXECUTOR_PORT", EXECUTOR_PORT.to_string())
+        .env("EXECUTOR_URL", &farm.api)
+        .env("PRIVATE_INTERFACE", BRIDGE)
+        .env("BOOTS_TFTP_ROOT", image.join("tftp"))
+        .env("SALAD_URL", format!("http://127.0.0.1:{salad_port}"))
+        .env("MINIO_URL", format!("http://{SERVER_IP}:{FILES_PORT}"))
+        .env("GITLAB_CONF_FILE", d.join("gitlab-runner.toml"));
+    for (k, v) in extra_env {
+        executor.env(k, v);
+    }
+    farm.procs.push(Proc {
+        name: "executor",
+        child: executor
+            .stdout(Stdio::null())
+            .stderr(log_file(&d, "executor"))
+            .spawn()
+            .expect("executor starts"),
+    });
+    wait_http(&format!("{}/api/v1/duts", farm.api), "the executor");
+    farm
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A user job on `mac`: boots the image and runs `command` (a kernel
+/// command line item); PASS when the console shows `JOB_RESULT=pass`.
+fn user_job(mac: &str, command: &str) -> String {
+    format!(
+        r#"version: 1
+target: {{id: "{mac}"}}
+timeouts:
+  overall: {{minutes: 2}}
+  first_console_activity: {{seconds: 30}}
+console_patterns:
+  session_end: {{regex: "^It's now safe to turn off your computer\r?$"}}
+  job_success: {{regex: "^JOB_RESULT=pass\r?$"}}
+deployment:
+  start:
+    kernel:
+      url: "{{{{ minio_url }}}}/boot/vivian-dut/vmlinuz"
+      cmdline:
+        - "console={{{{ local_tty_device }}}},115200 quiet"
+        - "SALAD.machine_id={{{{ machine_id }}}}"
+        - {command}
+    initramfs:
+      url: "{{{{ minio_url }}}}/boot/vivian-dut/initramfs.cpio.gz"
+"#
+    )
+}
+
+/// Records every state change of the DUTs until stopped.
+fn watch_states(api: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Vec<String>>> {
+    std::thread::spawn(move || {
+        let mut seen: Vec<Vec<String>> = vec![Vec::new(); MACS.len()];
+        let client = reqwest::blocking::Client::new();
+        while !stop.load(Ordering::Relaxed) {
+            for (i, mac) in MACS.iter().enumerate() {
+                let s = client
+                    .get(format!("{api}/api/v1/dut/{mac}"))
+                    .send()
+                    .ok()
+                    .and_then(|r| r.json::<Value>().ok())
+                    .and_then(|v| v["state"].as_str().map(str::to_string));
+                if let Some(s) = s {
+                    if seen[i].last() != Some(&s) {
+                        seen[i].push(s);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seen
+    })
+}
+
+/// The "first console line N s after power ON" figures of vpdu's log.
+fn first_console_line_times(vpdu_log: &Path) -> Vec<f64> {
+    std::fs::read_to_string(vpdu_log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("first console line ").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn preflight() {
+    // SAFETY: geteuid(2) has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the QEMU farm test needs root (network namespace, bridge, taps): run it as root (CI does)"
+    );
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
+    assert!(
+        qemu.is_ok_and(|o| o.status.success()),
+        "qemu-system-x86_64 is missing: apt-get install qemu-system-x86 ipxe-qemu (scripts/test-all does)"
+    );
+    assert!(
+        Path::new("/usr/lib/ipxe/qemu/efi-virtio.rom").exists()
+            || Path::new("/usr/share/qemu/efi-virtio.rom").exists(),
+        "QEMU's iPXE ROMs are missing: apt-get install ipxe-qemu"
+    );
+}
+
+#[test]
+fn qemu_duts_netboot_and_run_user_jobs() {
+    let t0 = Instant::now();
+    preflight();
+    let image = dut_image();
+    let built = t0.elapsed();
+    enter_private_network();
+
+    let mars_db = format!(
+        "pdus:\n  VPDU:\n    driver: vpdu\n    config:\n      hostname: 127.0.0.1:{VPDU_PORT}\nduts:\n{}",
+        MACS.iter()
+            .zip(DUT_IPS)
+            .enumerate()
+            .map(|(i, (mac, ip))| format!(
+                "  \"{mac}\":\n    base_name: virtio\n    mac_address: \"{mac}\"\n    ip_address: {ip}\n    tags: [\"virtio:family:VIRTIO\"]\n    local_tty_device: ttyS0\n    pdu: VPDU\n    pdu_port_id: '{i}'\n    pdu_off_delay: 0.5\n    ready_for_service: true\n"
+            ))
+            .collect::<String>()
+    );
+    let farm = start_farm(
+        &image,
+        &mars_db,
+        &[("SERGENT_HARTMAN_QUICK_CHECK", "disabled")],
+    );
+    for mac in MACS {
+        farm.wait_state(mac, "IDLE", Duration::from_secs(30));
+    }
+
+    // One job per DUT, at the same time: one PASS, one FAIL by pattern.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_states(farm.api.clone(), stop.clone());
+    let jobs_started = Instant::now();
+    let (pass, fail) = std::thread::scope(|s| {
+        let pass = s.spawn(|| {
+            farm.run_job(
+                "pass",
+                &user_job(
+                    MACS[0],
+                    r#""b2c.container=\"docker://registry.example.invalid/busybox:latest sh -c 'uname -r; echo JOB_RESULT=pass'\"""#,
+                ),
+            )
+        });
+        let fail = s.spawn(|| {
+            farm.run_job(
+                "fail",
+                &user_job(MACS[1], r#""vivian.run=\"echo JOB_RESULT=fail; exit 3\"""#),
+            )
+        });
+        (pass.join().unwrap(), fail.join().unwrap())
+    });
+    let jobs_time = jobs_started.elapsed();
+    // The DUTs go back to IDLE once the sessions are over.
+    for mac in MACS {
+        farm.wait_state(mac, "IDLE", Duration::from_secs(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let states = watcher.join().unwrap();
+
+    let (code, out) = pass;
+    assert_eq!(code, Some(0), "the PASS job must exit 0:\n{out}");
+    // A real boot: firmware, iPXE through our DHCP and boot.ipxe, Debian's
+    // kernel, our /init with the command's output.
+    for want in [
+        "SeaBIOS",
+        "iPXE",
+        "SALAD.machine_id=52:54:00:11:22:00",
+        "+ sh -c 'uname -r; echo JOB_RESULT=pass'",
+        "-amd64\r\n",
+        "JOB_RESULT=pass",
+        "Execution is over, pipeline status: 0",
+        "vivian-dut: eth0 10.42.0.10 from 10.42.0.1",
+    ] {
+        assert!(
+            out.contains(want),
+            "the PASS job's console lacks {want:?}:\n{out}"
+        );
+    }
+    let kernel_version = std::fs::read_to_string(image.join("kernel-version")).unwrap();
+    assert!(
+        out.contains(kernel_version.trim()),
+        "uname -r is not Debian's kernel:\n{out}"
+    );
+
+    let (code, out) = fail;
+    assert_eq!(code, Some(3), "the FAIL job must exit 3 (FAIL):\n{out}");
+    for want in [
+        "JOB_RESULT=fail",
+        "Execution is over, pipeline status: 3",
+        "vivian-dut: eth0 10.42.0.11 from 10.42.0.1",
+    ] {
+        assert!(
+            out.contains(want),
+            "the FAIL job's console lacks {want:?}:\n{out}"
+        );
+    }
+
+    for (mac, seen) in MACS.iter().zip(&states) {
+        assert!(
+            seen.iter().any(|s| s == "RUNNING") && seen.last().is_some_and(|s| s == "IDLE"),
+            "{mac} went through {seen:?}, expected IDLE, RUNNING, IDLE"
+        );
+        assert!(
+            seen.iter()
+                .all(|s| ["IDLE", "QUEUED", "RUNNING"].contains(&s.as_str())),
+            "{mac} went through {seen:?}"
+        );
+    }
+    // The firmware asked our executor for its boot script.
+    let executor_log = std::fs::read_to_string(farm.path("executor.log")).unwrap();
+    for mac in MACS {
+        let encoded = mac.replace(':', "%3A");
+        assert!(
+            executor_log.contains(&format!("/boot/{mac}/boot.ipxe"))
+                || executor_log.contains(&format!("/boot/{encoded}/boot.ipxe")),
+            "{mac} never fetched boot.ipxe from the executor"
+        );
+    }
+
+    let first_lines = first_console_line_times(&farm.path("vpdu.log"));
+    assert!(
+        first_lines.len() >= 2,
+        "vpdu logged no first console line times:\n{}",
+        tail(&farm.path("vpdu.log"), 30)
+    );
+    drop(farm);
+    let mut report = std::io::stderr().lock();
+    let _ = writeln!(
+        report,
+        "qemu_farm: wall time {:.1} s (image {:.1} s, two user jobs in parallel {:.1} s); \
+         power ON to first console line: {}",
+        t0.elapsed().as_secs_f64(),
+        built.as_secs_f64(),
+        jobs_time.as_secs_f64(),
+        first_lines
+            .iter()
+            .map(|s| format!("{s:.2} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
