@@ -20,3 +20,4 @@ pub mod pdu;
 pub mod protocol;
 pub mod runner;
 pub mod state;
+pub mod storage;
