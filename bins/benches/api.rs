@@ -6,8 +6,12 @@
 //! `GET /api/v1/full-state`, `GET /api/v1/duts` and `GET /api/v1/dut/<id>`;
 //! plus the time from start to the first answer, the resident memory, the
 //! idle CPU use and the time until an edit of the MarsDB file is served.
+//! For each endpoint it also reports the executor's CPU time per request
+//! (user + system, from `/proc`): unlike the wall-clock figures, it holds
+//! when other processes compete for the machine's cores.
 //! Environment: `BENCH_SECONDS` (per endpoint, default 5), `BENCH_LOG`
-//! (the executor's `RUST_LOG`, default `info`).
+//! (the executor's `RUST_LOG`, default `info`; `info,vivian::http=debug`
+//! logs every request).
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -245,6 +249,9 @@ fn main() {
         .env("EXECUTOR_PORT", port.to_string())
         .env("SERGENT_HARTMAN_QUICK_CHECK", "disabled")
         .env("BOOTS_DISABLE_SERVERS", "1")
+        // No SALAD, and gitlab-runner's config.toml in the temporary folder.
+        .env("SALAD_URL", "http://127.0.0.1:1")
+        .env("GITLAB_CONF_FILE", dir.path().join("gitlab-runner.toml"))
         .env("RUST_LOG", &log)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -270,12 +277,16 @@ fn main() {
         ("GET /api/v1/dut/<id>", ids),
     ];
     for (name, paths) in cases {
+        let cpu0 = cpu_ticks(pid);
         let r = rt.block_on(load(port, paths, seconds));
+        let cpu = (cpu_ticks(pid) - cpu0) as f64 / 100.0; // USER_HZ
         println!(
-            "{name:<24} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   ({} requests, body {} bytes)",
+            "{name:<24} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   server CPU {:>5.1} us/req ({:.2} cores)   ({} requests, body {} bytes)",
             r.requests as f64 / r.seconds,
             r.p50_us as f64 / 1000.0,
             r.p99_us as f64 / 1000.0,
+            cpu * 1e6 / r.requests as f64,
+            cpu / r.seconds,
             r.requests,
             r.body
         );

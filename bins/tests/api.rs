@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// The fake GitLab of vivian-gitlab's tests (GitLab's runner endpoints,
+/// status codes and JSON), shared rather than copied.
+#[path = "../../vivian-gitlab/tests/common/mod.rs"]
+mod fake_gitlab;
+
 const DUT_A: &str = "52:54:00:11:22:01";
 const DUT_B: &str = "52:54:00:11:22:02";
 const DUT_NEW: &str = "52:54:00:11:22:99";
@@ -152,6 +157,15 @@ fn executor_env(db_path: &Path, port: u16) -> Vec<(String, String)> {
         ("BOOTS_DEFAULT_KERNEL", "http://h/kernel".into()),
         ("BOOTS_DEFAULT_INITRD", "http://h/initrd".into()),
         ("BOOTS_DEFAULT_CMDLINE", "console=ttyS0 a;b".into()),
+        // No SALAD (a closed port): the DUT objects have no logs_endpoint.
+        ("SALAD_URL", "http://127.0.0.1:1".into()),
+        (
+            "GITLAB_CONF_FILE",
+            db_path
+                .with_file_name("gitlab-runner.toml")
+                .display()
+                .to_string(),
+        ),
         ("RUST_LOG", "info".into()),
     ]
     .into_iter()
@@ -167,12 +181,19 @@ fn executor_command(db_path: &Path, port: u16) -> Command {
 
 impl Executor {
     async fn start(vpdu: &Vpdu) -> Executor {
+        Self::start_with(mars_yaml(vpdu.port), &[]).await
+    }
+
+    /// An executor on MarsDB `yaml`, with `env` added to (or replacing
+    /// variables of) [`executor_env`].
+    async fn start_with(yaml: String, env: &[(&str, String)]) -> Executor {
         let dir = tempfile::tempdir().unwrap();
         let db_path = dir.path().join("mars_db.yaml");
-        std::fs::write(&db_path, mars_yaml(vpdu.port)).unwrap();
+        std::fs::write(&db_path, yaml).unwrap();
         let log_path = dir.path().join("executor.log");
         let port = free_port();
         let child = executor_command(&db_path, port)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()
@@ -1065,7 +1086,8 @@ async fn openapi_document_matches_the_routes() {
         let concrete = path
             .replace("{id}", "00:00:00:00:00:00")
             .replace("{name}", "VPDU")
-            .replace("{port_id}", "1");
+            .replace("{port_id}", "1")
+            .replace("{n}", "0");
         let (s, text) = ex
             .raw(method, &concrete, Some("application/json"), b"{}".to_vec())
             .await;
@@ -1158,7 +1180,9 @@ async fn sigterm_stops_gracefully() {
         ex.db_yaml()["duts"][DUT_A]["comment"].as_str(),
         Some("before stop")
     );
-    // Every request was logged with method, path, status and duration.
+    // Changes are logged at `info` with method, path, status and duration;
+    // so are refusals. Successful reads are `debug` (see
+    // `request_log_shows_every_request_at_debug`).
     let log = ex.log();
     assert!(
         log.lines().any(|l| l.contains("PATCH")
@@ -1167,6 +1191,240 @@ async fn sigterm_stops_gracefully() {
             && l.contains("us")),
         "{log}"
     );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("vivian::http") && l.contains("GET /api/v1/pdus 200")),
+        "successful reads are not logged at info:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn request_log_shows_every_request_at_debug() {
+    let vpdu = Vpdu::start(2);
+    let ex = Executor::start_with(
+        mars_yaml(vpdu.port),
+        &[("RUST_LOG", "info,vivian::http=debug".into())],
+    )
+    .await;
+    assert_eq!(ex.get(&format!("/api/v1/dut/{DUT_A}")).await.0, 200);
+    assert_eq!(ex.get("/api/v1/dut/nobody").await.0, 404);
+    let line = |needle: &str| {
+        strip_ansi(&ex.log())
+            .lines()
+            .find(|l| l.contains("vivian::http") && l.contains(needle))
+            .map(str::to_string)
+    };
+    wait_until("both requests logged", || async {
+        line(&format!("GET /api/v1/dut/{DUT_A} 200")).is_some()
+            && line("GET /api/v1/dut/nobody 404").is_some()
+    })
+    .await;
+    let ok = line(&format!("GET /api/v1/dut/{DUT_A} 200")).unwrap();
+    assert!(ok.contains("DEBUG") && ok.contains("duration_us="), "{ok}");
+    let refused = line("GET /api/v1/dut/nobody 404").unwrap();
+    assert!(refused.contains("INFO"), "refusals are info: {refused}");
+}
+
+/// `text` without its ANSI escape sequences (the log's colours).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The `salad` binary on an inherited socket of 127.0.0.1 (no serial
+/// port, netconsole on loopback), killed on drop.
+struct SaladProcess {
+    child: Child,
+    http: u16,
+    _logs: tempfile::TempDir,
+}
+
+impl Drop for SaladProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SaladProcess {
+    fn start() -> SaladProcess {
+        let sa = which("systemd-socket-activate").expect(
+            "systemd-socket-activate is needed (Debian package systemd; scripts/test-all installs it)",
+        );
+        let http = free_port();
+        let logs = tempfile::tempdir().unwrap();
+        let child = Command::new(sa)
+            .arg("-l")
+            .arg(format!("127.0.0.1:{http}"))
+            .arg("--fdname=http_ipv4")
+            .arg(format!("-ESALAD_TCPCONSOLE_PORT={}", free_port()))
+            .arg("-ESALAD_TCPCONSOLE_HOST=127.0.0.1")
+            .arg("-ESALAD_MACHINE_HOST=127.0.0.1")
+            .arg("-ESALAD_SERIAL_GLOBS=")
+            .arg(format!("-ESALAD_LOG_DIR={}", logs.path().display()))
+            .arg(env!("CARGO_BIN_EXE_salad"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn systemd-socket-activate");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", http)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "systemd-socket-activate never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SaladProcess {
+            child,
+            http,
+            _logs: logs,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+}
+
+fn gitlab_yaml(vpdu_port: u16, gitlab_url: &str) -> String {
+    format!(
+        "{}gitlab:\n  fake:\n    url: \"{gitlab_url}\"\n    registration_token: \"{}\"\n    access_token: \"{}\"\n    expose_runners: true\n    maximum_timeout: 7200\n",
+        mars_yaml(vpdu_port),
+        fake_gitlab::REGISTRATION_TOKEN,
+        fake_gitlab::ACCESS_TOKEN
+    )
+}
+
+#[tokio::test]
+async fn dut_shows_its_runners_and_console_and_delete_removes_its_runners() {
+    let vpdu = Vpdu::start(4);
+    let gitlab = fake_gitlab::FakeGitlab::start().await;
+    let salad = SaladProcess::start();
+    let ex = Executor::start_with(
+        gitlab_yaml(vpdu.port, &gitlab.url()),
+        &[
+            ("SALAD_URL", salad.url()),
+            ("GITLAB_ALLOW_INSECURE", "true".into()),
+        ],
+    )
+    .await;
+    let dut_a = format!("/api/v1/dut/{DUT_A}");
+
+    // The reconciler registers DUT A (B is retired) and the API shows it.
+    wait_until("DUT A's runner is registered and checked", || async {
+        let a = ex.get_json(&dut_a).await;
+        a["gitlab_runners"]["fake"]["in_config"] == true
+            && a["gitlab_runners"]["fake"]["is_valid"] == true
+    })
+    .await;
+    let runner = gitlab
+        .runner_by_description("tfarm-gfx10-1")
+        .expect("a runner for DUT A on GitLab");
+    let a = ex.get_json(&dut_a).await;
+    let st = &a["gitlab_runners"]["fake"];
+    assert_eq!(st["exposed"], true, "{st}");
+    assert_eq!(st["active"], true, "{st}");
+    assert_eq!(st["registered"], true, "{st}");
+    assert_eq!(st["runner_id"], runner.id, "{st}");
+    assert_eq!(st["error"], Value::Null, "{st}");
+    assert!(
+        !a.to_string().contains(&runner.token),
+        "a runner token leaked into the API: {a}"
+    );
+    let b = ex.get_json(&format!("/api/v1/dut/{DUT_B}")).await;
+    assert_eq!(b["gitlab_runners"]["fake"]["active"], false, "{b}");
+    assert_eq!(b["gitlab_runners"]["fake"]["in_config"], false, "{b}");
+    // The lists serve the same objects.
+    let duts = ex.get_json("/api/v1/duts").await;
+    assert_eq!(duts["duts"][DUT_A]["gitlab_runners"], a["gitlab_runners"]);
+    let fs = ex.get_json("/api/v1/full-state").await;
+    assert_eq!(fs["duts"][DUT_A]["gitlab_runners"], a["gitlab_runners"]);
+
+    // logs_endpoint: SALAD's read-only console port of the DUT, on the
+    // host of SALAD_URL.
+    wait_until("logs_endpoint of DUT A", || async {
+        ex.get_json(&dut_a).await.get("logs_endpoint").is_some()
+    })
+    .await;
+    let machine: Value = reqwest::get(format!("{}/api/v1/machine/{DUT_A}", salad.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let a = ex.get_json(&dut_a).await;
+    assert_eq!(
+        a["logs_endpoint"],
+        json!({"host": "127.0.0.1", "port": machine["tcp_port_logs"]}),
+        "{a}"
+    );
+    let port = machine["tcp_port_logs"].as_u64().unwrap() as u16;
+    TcpStream::connect(("127.0.0.1", port)).expect("the announced console port accepts observers");
+    assert_eq!(
+        ex.get_json(&format!("/api/v1/dut/{DUT_B}")).await["logs_endpoint"]["host"],
+        "127.0.0.1"
+    );
+
+    // DELETE removes the DUT's runner from GitLab before it answers.
+    let conf_path = ex.db_path.with_file_name("gitlab-runner.toml");
+    assert!(std::fs::read_to_string(&conf_path)
+        .unwrap()
+        .contains("tfarm-gfx10-1"));
+    let (s, body) = ex.send("DELETE", &dut_a, None).await;
+    assert_eq!(
+        (s, body.as_str()),
+        (200, "The machine tfarm-gfx10-1 was removed\n")
+    );
+    assert!(
+        gitlab.runners().iter().all(|r| r.id != runner.id),
+        "the runner of the deleted DUT is still on GitLab: {:?}",
+        gitlab.runners()
+    );
+    assert!(gitlab
+        .requests()
+        .iter()
+        .any(|r| r == "DELETE /api/v4/runners"));
+    assert_eq!(ex.get(&dut_a).await.0, 404);
+    // ... and it does not come back.
+    wait_until("config.toml without DUT A", || async {
+        !std::fs::read_to_string(&conf_path)
+            .unwrap()
+            .contains("tfarm-gfx10-1")
+    })
+    .await;
+    assert!(gitlab.runner_by_description("tfarm-gfx10-1").is_none());
+}
+
+#[tokio::test]
+async fn without_salad_or_gitlab_instances_the_dut_object_has_no_such_data() {
+    let vpdu = Vpdu::start(2);
+    let ex = Executor::start(&vpdu).await;
+    wait_until("the executor found SALAD unreachable", || async {
+        ex.log()
+            .contains("unreachable, the DUTs have no logs_endpoint")
+    })
+    .await;
+    let a = ex.get_json(&format!("/api/v1/dut/{DUT_A}")).await;
+    assert!(
+        a.get("logs_endpoint").is_none(),
+        "SALAD is unreachable: {a}"
+    );
+    assert_eq!(a["gitlab_runners"], json!({}), "no GitLab instance: {a}");
 }
 
 #[tokio::test]

@@ -20,6 +20,8 @@
 pub mod body;
 pub mod error;
 mod handlers;
+pub mod hooks;
+pub mod logs;
 pub mod openapi;
 pub mod routing;
 mod views;
@@ -34,6 +36,8 @@ use warp::reply::Response;
 use warp::Filter;
 
 pub use error::ApiError;
+pub use hooks::{LogsEndpoint, LogsSource, RunnerHook, RunnerRemoval};
+pub use logs::ConsoleLogs;
 pub use routing::{Endpoint, Route, ROUTES};
 
 use vivian_core::farm::Farm;
@@ -85,6 +89,38 @@ impl ApiState {
     /// The farm behind the API.
     pub fn farm(&self) -> &Arc<Farm> {
         &self.inner.farm
+    }
+
+    /// Installs the GitLab runner hook: the DUT objects get a
+    /// `gitlab_runners` member (the runner state on each instance) and
+    /// `DELETE /api/v1/dut/<id>` removes the DUT's runners before it
+    /// answers. A state has at most one: a second call returns `false`
+    /// and changes nothing.
+    pub fn set_runner_hook(&self, hook: Arc<dyn RunnerHook>) -> bool {
+        self.inner.runners.set(hook).is_ok()
+    }
+
+    /// [`ApiState::set_runner_hook`], builder style.
+    pub fn with_runner_hook(self, hook: Arc<dyn RunnerHook>) -> Self {
+        if !self.set_runner_hook(hook) {
+            tracing::warn!("a runner hook is already installed: the new one is ignored");
+        }
+        self
+    }
+
+    /// Installs the source of the DUT objects' `logs_endpoint` (e.g. a
+    /// [`ConsoleLogs`] following SALAD). A state has at most one: a second
+    /// call returns `false` and changes nothing.
+    pub fn set_logs_source(&self, source: Arc<dyn LogsSource>) -> bool {
+        self.inner.logs.set(source).is_ok()
+    }
+
+    /// [`ApiState::set_logs_source`], builder style.
+    pub fn with_logs_source(self, source: Arc<dyn LogsSource>) -> Self {
+        if !self.set_logs_source(source) {
+            tracing::warn!("a logs source is already installed: the new one is ignored");
+        }
+        self
     }
 }
 
