@@ -357,6 +357,53 @@ pub fn discard_events() -> Arc<dyn BootEventSink> {
     Arc::new(|_event: BootEvent| {})
 }
 
+/// Reports netboot requests of unknown machines to the discovery logic
+/// (IN B.3 step 1, F.3): while a discovery runs (a PDU port switched ON to
+/// find the machine behind it), the first unknown MAC that netboots is
+/// registered as a DUT with `base_name` `<arch>-<firmware>-<protocol>`,
+/// the address it was given and no tags, which consumes the discovery.
+/// Outside a discovery nothing is created. Every event is then passed to
+/// `next`. The registration runs on a task of the current tokio runtime
+/// (captured here), so the sink never blocks the boot servers.
+pub fn discovery_sink(
+    farm: Arc<crate::farm::Farm>,
+    next: Arc<dyn BootEventSink>,
+) -> Arc<dyn BootEventSink> {
+    let rt = tokio::runtime::Handle::current();
+    Arc::new(move |event: BootEvent| {
+        if let BootEventKind::UnknownNetbootRequest {
+            base_name,
+            ip_address: Some(ip),
+        } = &event.kind
+        {
+            if farm.discovery().is_some() {
+                let reg = crate::farm::DutRegistration {
+                    id: Some(event.mac),
+                    mac_address: Some(event.mac),
+                    base_name: Some(base_name.clone()),
+                    ip_address: Some(*ip),
+                    tags: Some(Vec::new()),
+                    ..Default::default()
+                };
+                let farm = farm.clone();
+                let mac = event.mac;
+                rt.spawn(async move {
+                    match farm.register_dut(reg).await {
+                        Ok((_, true)) => {
+                            tracing::info!(%mac, "discovery: registered the netbooting machine")
+                        }
+                        Ok((_, false)) => {}
+                        Err(e) => {
+                            tracing::warn!(%mac, "discovery: cannot register the netbooting machine: {e}")
+                        }
+                    }
+                });
+            }
+        }
+        next.record(event);
+    })
+}
+
 /// A [`DutLookup`] over MarsDB: every DUT's MAC and static address, indexed
 /// once per database version (lookups are hash-map reads).
 pub struct MarsDbDuts {
@@ -1140,5 +1187,89 @@ mod tests {
         let text = String::from_utf8_lossy(&img[72..]);
         assert!(text.contains("setenv bootargs 'arm64'\n"), "{text}");
         assert!(text.contains("'/dyn/bootloader/u-boot/ARM64/m/initrd'"));
+    }
+
+    #[tokio::test]
+    async fn unknown_netbooting_machines_are_registered_during_a_discovery_only() {
+        use crate::farm::{Farm, FarmOptions, PortPatch};
+        use crate::marsdb::{MemoryMarsDb, Pdu, PduConfig};
+        use crate::pdu::dummy::DummyDriver;
+        use crate::pdu::{DriverRegistry, PduDriver, PduManager, PduOptions, PortState};
+        use std::time::Duration;
+
+        let mut db = Database::new();
+        let mut config = PduConfig::new();
+        config.insert("ports".into(), serde_json::json!(["a", "b"]));
+        db.pdus.insert("P".into(), Pdu::new("fast", config));
+        let mdb = Arc::new(MemoryMarsDb::new(db));
+        let mut reg = DriverRegistry::new();
+        reg.register("fast", |config| {
+            Ok(Box::new(
+                DummyDriver::from_config(config)?
+                    .with_default_min_off_time(Duration::from_millis(10)),
+            ) as Box<dyn PduDriver>)
+        });
+        let pdus = Arc::new(PduManager::new(Arc::new(reg), PduOptions::default()));
+        let farm = Farm::new(mdb.clone(), pdus, FarmOptions::new("farm"));
+        farm.start().await;
+        farm.pdus().get("P").unwrap().refresh().await.unwrap();
+
+        let seen = Arc::new(std::sync::Mutex::new(0));
+        let seen2 = seen.clone();
+        let sink = discovery_sink(
+            farm.clone(),
+            Arc::new(move |_e: BootEvent| {
+                *seen2.lock().unwrap() += 1;
+            }),
+        );
+        let netboot = |mac: MacAddr, ip: Option<Ipv4Addr>| BootEvent {
+            time: Utc::now(),
+            mac,
+            dut_id: None,
+            kind: BootEventKind::UnknownNetbootRequest {
+                base_name: "arm64-uboot-tftp".into(),
+                ip_address: ip,
+            },
+        };
+        let m1 = MacAddr([2, 0, 0, 0, 0, 1]);
+        let m2 = MacAddr([2, 0, 0, 0, 0, 2]);
+        // No discovery: nothing is created.
+        sink.record(netboot(m1, Some(Ipv4Addr::new(10, 0, 0, 5))));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(mdb.snapshot().duts.is_empty());
+
+        farm.patch_port(
+            "P",
+            "1",
+            PortPatch {
+                state: Some(PortState::Off),
+                reserved: None,
+            },
+        )
+        .await
+        .unwrap();
+        farm.start_discovery("P", "1", None).await.unwrap();
+        sink.record(netboot(m2, Some(Ipv4Addr::new(10, 0, 0, 6))));
+        for _ in 0..200 {
+            if mdb.snapshot().duts.contains_key(&m2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let snap = mdb.snapshot();
+        let dut = snap
+            .duts
+            .get(&m2)
+            .expect("the netbooting machine was registered");
+        assert_eq!(dut.base_name, "arm64-uboot-tftp");
+        assert_eq!(dut.ip_address, Ipv4Addr::new(10, 0, 0, 6));
+        assert_eq!(dut.pdu.as_deref(), Some("P"));
+        assert!(farm.discovery().is_none(), "the discovery was consumed");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            2,
+            "every event reaches the next sink"
+        );
+        farm.shutdown().await;
     }
 }
