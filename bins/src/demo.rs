@@ -9,11 +9,16 @@
 //! fetch their "kernel" and "initrd" from `/demo/artifacts/` on the same
 //! HTTP server.
 //!
+//! With [`DemoOptions::dhcp`], the farm also runs Vivian's DHCP server
+//! (on loopback, bound to `lo`) and the simulated DUTs ask it for their
+//! address and boot file before booting, as netbooting PCs do; their DHCP
+//! client listens on port 68, so this needs root.
+//!
 //! Tests use [`DemoFarm`] as a whole farm in a box.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
@@ -26,8 +31,9 @@ use vivian_core::pdu::{PduManager, PduOptions};
 use vivian_salad::{InProcessConsoles, Salad, SaladConfig};
 
 use crate::engine::{EngineOptions, JobEngine};
-use crate::simdut::sim_duts;
-use crate::vpdu::{VpduConfig, VpduServer, VpduServerHandle};
+use crate::simdut::{sim_duts_with_dhcp, SimDhcpConfig};
+use crate::vpdu::{DutFactory, OutletDut, OutletInfo, VpduConfig, VpduServer, VpduServerHandle};
+use vivian_core::netboot::BootEvent;
 
 /// The simulated kernel every demo DUT boots: a script (see
 /// [`crate::simdut`]) printing kernel-like lines.
@@ -75,6 +81,16 @@ pub struct DemoOptions {
     /// Folder for MarsDB, logs and artifacts (None: a temporary folder,
     /// removed when the farm stops).
     pub dir: Option<PathBuf>,
+    /// Run Vivian's DHCP server on loopback and make the simulated DUTs
+    /// ask it for their address and boot file (needs root: the DUTs' DHCP
+    /// client listens on port 68).
+    pub dhcp: bool,
+    /// `EXECUTOR_JOB__*` variables (lower-case names without the prefix)
+    /// of the job templates, at submission and in the job engine.
+    pub job_env: std::collections::BTreeMap<String, String>,
+    /// Called on every outlet switch of the virtual PDU, before the DUT
+    /// reacts (benchmarks time the power-on command with it).
+    pub power_hook: Option<PowerHook>,
 }
 
 impl Default for DemoOptions {
@@ -85,8 +101,47 @@ impl Default for DemoOptions {
             vpdu_port: 0,
             duts: 4,
             dir: None,
+            dhcp: false,
+            job_env: Default::default(),
+            power_hook: None,
         }
     }
+}
+
+/// A callback of the virtual PDU: `(outlet index, switched ON)`.
+#[derive(Clone)]
+pub struct PowerHook(pub Arc<dyn Fn(u16, bool) + Send + Sync>);
+
+impl std::fmt::Debug for PowerHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PowerHook")
+    }
+}
+
+/// A DUT whose power switches are reported to a [`PowerHook`] first.
+struct HookedDut {
+    index: u16,
+    hook: PowerHook,
+    inner: Box<dyn OutletDut>,
+}
+
+#[async_trait::async_trait]
+impl OutletDut for HookedDut {
+    async fn power_on(&mut self) -> Result<(), String> {
+        (self.hook.0)(self.index, true);
+        self.inner.power_on().await
+    }
+
+    async fn power_off(&mut self) {
+        (self.hook.0)(self.index, false);
+        self.inner.power_off().await
+    }
+}
+
+/// The loopback address of the demo DUT on outlet `index`
+/// (`127.1.<index / 250>.<index % 250 + 1>`), its static address in MarsDB.
+pub fn demo_dut_ip(index: u16) -> Ipv4Addr {
+    Ipv4Addr::new(127, 1, (index / 250) as u8, (index % 250 + 1) as u8)
 }
 
 /// A running virtual farm.
@@ -101,6 +156,10 @@ pub struct DemoFarm {
     pub dir: PathBuf,
     /// The farm (runtime state, MarsDB, PDUs).
     pub farm: Arc<Farm>,
+    /// The DHCP server's address, with [`DemoOptions::dhcp`].
+    pub dhcp_addr: Option<SocketAddr>,
+    boots: Option<vivian_boots::Boots>,
+    boot_events: Arc<Mutex<Vec<BootEvent>>>,
     salad: Salad,
     vpdu: VpduServerHandle,
     stop: watch::Sender<bool>,
@@ -116,8 +175,9 @@ pub fn demo_marsdb(vpdu: SocketAddr, duts: u8) -> String {
     );
     for i in 0..u16::from(duts) {
         let mac = crate::vpdu::outlet_mac(i);
+        let ip = demo_dut_ip(i);
         y.push_str(&format!(
-            "  {mac}:\n    base_name: sim\n    ip_address: 127.0.0.1\n    tags:\n    - sim\n    - sim:outlet{i}\n    manual_tags: []\n    local_tty_device: ttyS0\n    pdu: VPDU\n    pdu_port_id: '{i}'\n    pdu_off_delay: 0.1\n    ready_for_service: true\n    is_retired: false\n    comment: simulated DUT on outlet {i}\n"
+            "  {mac}:\n    base_name: sim\n    ip_address: {ip}\n    tags:\n    - sim\n    - sim:outlet{i}\n    manual_tags: []\n    local_tty_device: ttyS0\n    pdu: VPDU\n    pdu_port_id: '{i}'\n    pdu_off_delay: 0.1\n    ready_for_service: true\n    is_retired: false\n    comment: simulated DUT on outlet {i}\n"
         ));
     }
     y.push_str("gitlab: {}\n");
@@ -159,14 +219,44 @@ impl DemoFarm {
         let api_addr = listener.local_addr()?;
         let api_url = format!("http://{api_addr}");
 
+        // DHCP on loopback: a socket bound to `lo`, so that its broadcast
+        // replies stay on loopback.
+        let dhcp_socket = if opts.dhcp {
+            let s = vivian_boots::iface::bind_udp(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                Some("lo"),
+                true,
+            )
+            .map_err(|e| anyhow::anyhow!("the demo's DHCP server (needs root): {e}"))?;
+            Some(s)
+        } else {
+            None
+        };
+        let dhcp_addr = dhcp_socket.as_ref().and_then(|s| s.local_addr().ok());
+
         // The virtual PDU and its simulated DUTs.
+        let sims = sim_duts_with_dhcp(
+            api_url.clone(),
+            "127.0.0.1".into(),
+            dhcp_addr.map(SimDhcpConfig::new),
+        );
+        let factory: Box<dyn DutFactory> = match opts.power_hook.clone() {
+            None => Box::new(sims),
+            Some(hook) => Box::new(move |o: &OutletInfo| {
+                Box::new(HookedDut {
+                    index: o.index,
+                    hook: hook.clone(),
+                    inner: sims.create(o),
+                }) as Box<dyn OutletDut>
+            }),
+        };
         let vpdu = VpduServer::bind(
             ("127.0.0.1", opts.vpdu_port),
             VpduConfig {
                 num_ports: opts.duts,
                 salad_console_port: Some(netconsole_addr.port()),
             },
-            sim_duts(api_url.clone(), "127.0.0.1".into()),
+            move |o: &OutletInfo| factory.create(o),
         )
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{}", opts.vpdu_port))?;
@@ -197,6 +287,31 @@ impl DemoFarm {
         }
         let db: Arc<dyn MarsDb> = Arc::new(db);
 
+        let boot_events = Arc::new(Mutex::new(Vec::new()));
+        let boots = match dhcp_socket {
+            None => None,
+            Some(sock) => {
+                let events = boot_events.clone();
+                let mut cfg = vivian_boots::BootsConfig::new("lo", dir.join("tftp"), &api_url);
+                cfg.dhcp_bind = dhcp_addr.unwrap_or(cfg.dhcp_bind);
+                let boots = vivian_boots::Boots::start_with(
+                    &cfg,
+                    vivian_boots::SocketSource::Given(sock),
+                    vivian_boots::SocketSource::Disabled,
+                    vivian_boots::NetworkSource::Fixed(vivian_boots::Subnet {
+                        server_ip: Ipv4Addr::LOCALHOST,
+                        netmask: Ipv4Addr::new(255, 0, 0, 0),
+                    }),
+                    Arc::new(vivian_core::netboot::MarsDbDuts::new(db.clone())),
+                    Arc::new(move |e: BootEvent| {
+                        events.lock().unwrap_or_else(|p| p.into_inner()).push(e)
+                    }),
+                )
+                .map_err(|e| anyhow::anyhow!("the demo's DHCP server: {e}"))?;
+                Some(boots)
+            }
+        };
+
         // The farm and its job engine.
         let pdus = Arc::new(PduManager::new(registry, PduOptions::default()));
         let mut farm_opts = FarmOptions::new(opts.farm_name.clone());
@@ -208,7 +323,7 @@ impl DemoFarm {
             console,
             EngineOptions {
                 minio_url: "http://127.0.0.1:9000".into(),
-                job_env: Default::default(),
+                job_env: opts.job_env.clone(),
                 parse: Default::default(),
                 log_dir: dir.join("jobs"),
             },
@@ -240,6 +355,7 @@ impl DemoFarm {
             crate::api::ApiOptions {
                 netboot: Some(netboot),
                 minio_url: config.minio_url.as_str().to_string(),
+                job_env: opts.job_env.clone(),
             },
         );
         let files = warp::path!("demo" / "artifacts" / ..)
@@ -280,6 +396,9 @@ impl DemoFarm {
             netconsole_addr,
             dir,
             farm,
+            dhcp_addr,
+            boots,
+            boot_events,
             salad,
             vpdu,
             stop,
@@ -307,6 +426,14 @@ impl DemoFarm {
         self.dir.join("jobs")
     }
 
+    /// The DHCP server's events so far (empty without [`DemoOptions::dhcp`]).
+    pub fn boot_events(&self) -> Vec<BootEvent> {
+        self.boot_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Stops everything it started: the API (in-flight requests finish),
     /// the farm and its PDUs, the virtual PDU (its DUTs are powered off)
     /// and the consoles.
@@ -315,6 +442,9 @@ impl DemoFarm {
         let _ = self.server.await;
         self.farm.shutdown().await;
         self.vpdu.stop().await;
+        if let Some(b) = self.boots {
+            b.shutdown();
+        }
         self.salad.shutdown().await;
     }
 }
@@ -342,6 +472,10 @@ pub struct DemoArgs {
     /// status is then the job's (as executorctl's).
     #[arg(long)]
     pub once: bool,
+    /// Also run the DHCP server on loopback: the simulated DUTs get their
+    /// address and boot file from it (needs root).
+    #[arg(long)]
+    pub dhcp: bool,
 }
 
 /// Runs `executor demo`: starts the farm, runs the sample job with its
@@ -354,6 +488,8 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<u8> {
         vpdu_port: args.vpdu_port,
         duts: args.duts,
         dir: args.dir.clone(),
+        dhcp: args.dhcp,
+        ..DemoOptions::default()
     })
     .await?;
     let job = match &args.job {

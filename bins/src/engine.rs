@@ -344,7 +344,7 @@ impl Session {
             comment: record.comment.clone(),
         };
         let mut vars = TemplateVars::for_dut(&machine, &self.options.minio_url, None);
-        vars.add_job_env(self.options.job_env.clone());
+        vars.add_vars(&self.options.job_env);
         let job = match Job::from_template(&sub.job_text, &vars, &self.options.parse) {
             Ok(j) => j,
             Err(e) => {

@@ -288,6 +288,7 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         crate::api::ApiOptions {
             netboot: Some(netboot),
             minio_url: config.minio_url.as_str().to_string(),
+            job_env: config.job_environment(),
         },
     );
     // GET /api/v1/dut/<id> shows the DUT's runners; DELETE removes them.

@@ -3,7 +3,14 @@
 //! When its outlet is switched ON, a [`SimDut`] does what a netbooting
 //! machine's firmware and kernel do, over the same protocols as real ones:
 //!
-//! 1. "firmware": fetches the executor's boot script
+//! 1. "firmware": when a DHCP server is configured ([`SimDhcpConfig`]),
+//!    a DHCP DISCOVER/OFFER/REQUEST/ACK exchange as iPXE makes it (option 93
+//!    client architecture, vendor class `PXEClient:Arch:...`, user class
+//!    `iPXE`, retransmitted until a server answers): the machine then uses
+//!    the address it was given (for `@IP@`, and as the source address of its
+//!    HTTP and console connections when that address is local) and the boot
+//!    file URL of the ACK. Without a DHCP server it goes straight to the
+//!    boot URL. Then it fetches the executor's boot script
 //!    `GET {executor}/boot/<mac>/boot.ipxe?platform=pcbios&buildarch=x86_64`
 //!    (retrying every second, like the iPXE binaries Vivian serves), and
 //!    interprets the subset of iPXE it needs (`set name:hex`, `${name:string}`,
@@ -31,8 +38,10 @@
 //! | `hang` | stops running the script but keeps the console open (a stuck machine) |
 //!
 //! In `<text>`, `<url>` and `<json>`, the placeholders `@MAC@`, `@IP@`
-//! (the DUT's address, 127.0.0.1 on loopback) and `@EXECUTOR@` (the
-//! executor URL) are replaced. (Not `${...}`: iPXE expands those in the
+//! (the DUT's address: the one DHCP gave it, else 127.0.0.1 on loopback),
+//! `@EXECUTOR@` (the executor URL) and `@TIME_NS@` (the wall-clock time
+//! when the line runs, in nanoseconds since the Unix epoch: lets a job
+//! measure its console latency) are replaced. (Not `${...}`: iPXE expands those in the
 //! kernel command line before the machine sees them, as real iPXE does.) Lines that are empty or start with `#` are
 //! skipped. An unknown command prints `SIMDUT.error=unknown command: ...` and
 //! is skipped.
@@ -43,13 +52,23 @@
 //! `key=value` (a string), `key:=<json>` (a raw JSON value, e.g. `n:=3`,
 //! `tags:=[]`) and `key[]=value` (appends a string to the list `key`).
 //!
+//! A `vivian.boot_delay=<seconds>` item of the kernel command line makes
+//! the machine stay silent that long after loading its boot script, before
+//! its console says anything (a slow or stuck firmware: jobs use it to hit
+//! their `first_console_activity` timeout).
+//!
 //! Powering the outlet OFF aborts whatever the machine is doing and closes
 //! its console, at any point.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use dhcproto::v4::{
+    Architecture, DhcpOption, Flags, HType, Message as DhcpMessage, MessageType, Opcode, OptionCode,
+};
+use dhcproto::{Decodable, Encodable};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -71,6 +90,40 @@ pub struct SimDutConfig {
     pub platform: String,
     /// The `buildarch` the firmware reports (`x86_64`, `i386`, `arm64`, ...).
     pub buildarch: String,
+    /// The DHCP server to ask for an address and a boot file first; `None`:
+    /// no DHCP, straight to the boot URL.
+    pub dhcp: Option<SimDhcpConfig>,
+}
+
+/// Where a simulated DUT's firmware sends its DHCP requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimDhcpConfig {
+    /// Where DISCOVER and REQUEST go: `255.255.255.255:67` on a real
+    /// network, the server's own address and port on loopback.
+    pub server: SocketAddr,
+    /// Where the client receives the replies. DHCP servers answer to port
+    /// 68 (a privileged port: binding it needs root or
+    /// CAP_NET_BIND_SERVICE); default `0.0.0.0:68`.
+    pub bind: SocketAddr,
+    /// The interface the client binds to (`SO_BINDTODEVICE`), if any.
+    pub interface: Option<String>,
+    /// How long to wait for a reply before sending the request again.
+    pub reply_timeout: Duration,
+    /// How many times a request is sent before the exchange starts over.
+    pub attempts: u32,
+}
+
+impl SimDhcpConfig {
+    /// Asks the server at `server`, listening on `0.0.0.0:68`.
+    pub fn new(server: SocketAddr) -> Self {
+        SimDhcpConfig {
+            server,
+            bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)),
+            interface: None,
+            reply_timeout: Duration::from_millis(500),
+            attempts: 4,
+        }
+    }
 }
 
 impl SimDutConfig {
@@ -83,7 +136,14 @@ impl SimDutConfig {
             console_addr: console_addr.to_string(),
             platform: "pcbios".into(),
             buildarch: "x86_64".into(),
+            dhcp: None,
         }
+    }
+
+    /// The same machine, asking `dhcp` for its address first.
+    pub fn with_dhcp(mut self, dhcp: SimDhcpConfig) -> Self {
+        self.dhcp = Some(dhcp);
+        self
     }
 }
 
@@ -302,6 +362,16 @@ pub fn split_cmdline(cmdline: &str) -> Vec<String> {
     items
 }
 
+/// The `vivian.boot_delay=<seconds>` of a kernel command line (the last
+/// one), capped at a day.
+pub fn boot_delay(cmdline: &str) -> Option<f64> {
+    split_cmdline(cmdline)
+        .iter()
+        .filter_map(|i| i.strip_prefix("vivian.boot_delay=")?.parse::<f64>().ok())
+        .rfind(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| s.min(86_400.0))
+}
+
 /// Builds the simulated machine's script from the kernel body and the
 /// command line (see the module documentation).
 pub fn build_script(kernel_body: &[u8], cmdline: &str) -> Vec<String> {
@@ -354,9 +424,216 @@ pub fn post_body(fields: &str) -> Result<String, String> {
 }
 
 fn substitute(text: &str, config: &SimDutConfig) -> String {
-    text.replace("@MAC@", &config.mac)
+    let mut out = text
+        .replace("@MAC@", &config.mac)
         .replace("@IP@", &config.ip)
-        .replace("@EXECUTOR@", &config.executor_url)
+        .replace("@EXECUTOR@", &config.executor_url);
+    if out.contains("@TIME_NS@") {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        out = out.replace("@TIME_NS@", &now.to_string());
+    }
+    out
+}
+
+/// What a DHCP server gave a simulated DUT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpLease {
+    /// The address the machine was given (`yiaddr` of the ACK).
+    pub ip: Ipv4Addr,
+    /// The server that gave it (option 54).
+    pub server_id: Ipv4Addr,
+    /// The boot file (option 67, else the `file` field), if any.
+    pub bootfile: Option<String>,
+}
+
+/// Why a DHCP exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DhcpClientError {
+    /// The MAC address is not six hex bytes.
+    #[error("not a MAC address: {0:?}")]
+    BadMac(String),
+    /// The client socket could not be set up or used.
+    #[error("DHCP client socket on {addr}: {reason}")]
+    Socket {
+        /// The address the client binds or sends to.
+        addr: SocketAddr,
+        /// What failed.
+        reason: String,
+    },
+    /// No OFFER (or no ACK) after every attempt.
+    #[error("no DHCP {0} from {1} after every attempt")]
+    NoReply(&'static str, SocketAddr),
+    /// The server refused the REQUEST.
+    #[error("the DHCP server answered NAK")]
+    Nak,
+}
+
+/// The option 93 client architecture iPXE reports for a platform.
+pub fn client_arch(platform: &str, buildarch: &str) -> u16 {
+    match (platform, buildarch) {
+        ("efi", "i386") => 6,
+        ("efi", "arm32") => 10,
+        ("efi", "arm64") => 11,
+        ("efi", _) => 7,
+        _ => 0,
+    }
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = mac.split([':', '-']);
+    for b in out.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// A DHCP request as iPXE sends it.
+fn dhcp_request(
+    kind: MessageType,
+    xid: u32,
+    mac: &[u8; 6],
+    arch: u16,
+    offer: Option<(Ipv4Addr, Ipv4Addr)>,
+) -> DhcpMessage {
+    let mut m = DhcpMessage::default();
+    m.set_opcode(Opcode::BootRequest)
+        .set_htype(HType::Eth)
+        .set_xid(xid)
+        .set_flags(Flags::default().set_broadcast())
+        .set_chaddr(mac);
+    let opts = m.opts_mut();
+    opts.insert(DhcpOption::MessageType(kind));
+    let mut client_id = vec![1u8];
+    client_id.extend_from_slice(mac);
+    opts.insert(DhcpOption::ClientIdentifier(client_id));
+    opts.insert(DhcpOption::ClientSystemArchitecture(Architecture::from(
+        arch,
+    )));
+    opts.insert(DhcpOption::ClassIdentifier(
+        format!("PXEClient:Arch:{arch:05}:UNDI:002001").into_bytes(),
+    ));
+    opts.insert(DhcpOption::UserClass(b"iPXE".to_vec()));
+    opts.insert(DhcpOption::ParameterRequestList(vec![
+        OptionCode::SubnetMask,
+        OptionCode::Router,
+        OptionCode::DomainNameServer,
+        OptionCode::Hostname,
+        OptionCode::ServerIdentifier,
+        OptionCode::BootfileName,
+    ]));
+    if let Some((ip, server)) = offer {
+        opts.insert(DhcpOption::RequestedIpAddress(ip));
+        opts.insert(DhcpOption::ServerIdentifier(server));
+    }
+    m
+}
+
+/// Sends `msg` until a reply of one of the `want` types for the same
+/// transaction and MAC comes back (each attempt waits `reply_timeout`).
+async fn exchange(
+    sock: &tokio::net::UdpSocket,
+    cfg: &SimDhcpConfig,
+    msg: &DhcpMessage,
+    want: &[MessageType],
+    what: &'static str,
+) -> Result<DhcpMessage, DhcpClientError> {
+    let bytes = msg.to_vec().map_err(|e| DhcpClientError::Socket {
+        addr: cfg.server,
+        reason: format!("encoding: {e}"),
+    })?;
+    let mut buf = vec![0u8; 1500];
+    for _ in 0..cfg.attempts.max(1) {
+        sock.send_to(&bytes, cfg.server)
+            .await
+            .map_err(|e| DhcpClientError::Socket {
+                addr: cfg.server,
+                reason: format!("send: {e}"),
+            })?;
+        let deadline = tokio::time::Instant::now() + cfg.reply_timeout;
+        while let Ok(r) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await {
+            let Ok((n, _)) = r else { continue };
+            let Ok(reply) = DhcpMessage::from_bytes(&buf[..n]) else {
+                continue;
+            };
+            if reply.opcode() != Opcode::BootReply
+                || reply.xid() != msg.xid()
+                || reply.chaddr().get(..6) != msg.chaddr().get(..6)
+            {
+                continue; // another client's exchange
+            }
+            match reply.opts().msg_type() {
+                Some(MessageType::Nak) => return Err(DhcpClientError::Nak),
+                Some(t) if want.contains(&t) => return Ok(reply),
+                _ => continue,
+            }
+        }
+    }
+    Err(DhcpClientError::NoReply(what, cfg.server))
+}
+
+/// One DHCP DISCOVER/OFFER/REQUEST/ACK exchange, as iPXE on a machine with
+/// MAC `mac` makes it. Replies of other transactions are ignored, so
+/// several simulated DUTs can share the client port.
+pub async fn dhcp_dora(
+    mac: &str,
+    platform: &str,
+    buildarch: &str,
+    cfg: &SimDhcpConfig,
+) -> Result<DhcpLease, DhcpClientError> {
+    let hw = parse_mac(mac).ok_or_else(|| DhcpClientError::BadMac(mac.to_string()))?;
+    let std_sock = vivian_boots::iface::bind_udp(cfg.bind, cfg.interface.as_deref(), true)
+        .map_err(|e| DhcpClientError::Socket {
+            addr: cfg.bind,
+            reason: e.to_string(),
+        })?;
+    let sock = tokio::net::UdpSocket::from_std(std_sock).map_err(|e| DhcpClientError::Socket {
+        addr: cfg.bind,
+        reason: e.to_string(),
+    })?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let xid = nanos ^ u32::from_be_bytes([hw[2], hw[3], hw[4], hw[5]]).rotate_left(7);
+    let arch = client_arch(platform, buildarch);
+    let discover = dhcp_request(MessageType::Discover, xid, &hw, arch, None);
+    let offer = exchange(&sock, cfg, &discover, &[MessageType::Offer], "OFFER").await?;
+    let server_id = match offer.opts().get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(ip)) => *ip,
+        _ => offer.siaddr(),
+    };
+    let request = dhcp_request(
+        MessageType::Request,
+        xid,
+        &hw,
+        arch,
+        Some((offer.yiaddr(), server_id)),
+    );
+    let ack = exchange(&sock, cfg, &request, &[MessageType::Ack], "ACK").await?;
+    let bootfile = match ack.opts().get(OptionCode::BootfileName) {
+        Some(DhcpOption::BootfileName(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => ack.fname().map(|f| {
+            String::from_utf8_lossy(f)
+                .trim_end_matches('\0')
+                .to_string()
+        }),
+    }
+    .filter(|b| !b.is_empty());
+    Ok(DhcpLease {
+        ip: ack.yiaddr(),
+        server_id,
+        bootfile,
+    })
+}
+
+/// Whether this host has `ip` (a simulated DUT then uses it as the
+/// source address of its connections).
+fn is_local(ip: Ipv4Addr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
@@ -387,8 +664,24 @@ struct Console {
 }
 
 impl Console {
-    async fn connect(addr: &str) -> Option<Console> {
-        let stream = TcpStream::connect(addr).await.ok()?;
+    async fn connect(addr: &str, local: Option<IpAddr>) -> Option<Console> {
+        let stream = match local {
+            None => TcpStream::connect(addr).await.ok()?,
+            Some(ip) => {
+                let target = tokio::net::lookup_host(addr)
+                    .await
+                    .ok()?
+                    .find(|a| a.is_ipv4() == ip.is_ipv4())?;
+                let sock = if ip.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .ok()?;
+                sock.bind(SocketAddr::new(ip, 0)).ok()?;
+                sock.connect(target).await.ok()?
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (read, writer) = stream.into_split();
         let (tx, input) = mpsc::channel(64);
@@ -424,9 +717,51 @@ impl Console {
     }
 }
 
-async fn boot(config: SimDutConfig) {
+async fn boot(mut config: SimDutConfig) {
+    let mut boot_url = format!(
+        "{}/boot/{}/boot.ipxe?platform={}&buildarch={}",
+        config.executor_url, config.mac, config.platform, config.buildarch
+    );
+    // Firmware: DHCP first when a server is configured, retried until it
+    // answers (as iPXE does), then the boot file it names.
+    let mut local_ip = None;
+    let mut dhcp_line = None;
+    if let Some(dhcp) = config.dhcp.clone() {
+        let lease = loop {
+            match dhcp_dora(&config.mac, &config.platform, &config.buildarch, &dhcp).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!("simulated DUT {}: DHCP: {e}", config.mac);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        tracing::debug!(mac = %config.mac, ?lease, "simulated DUT: DHCP lease");
+        config.ip = lease.ip.to_string();
+        if is_local(lease.ip) {
+            local_ip = Some(IpAddr::V4(lease.ip));
+        }
+        match &lease.bootfile {
+            Some(b) if b.starts_with("http://") || b.starts_with("https://") => {
+                boot_url = b.clone()
+            }
+            other => tracing::warn!(
+                "simulated DUT {}: the DHCP boot file {other:?} is not an HTTP URL: \
+                 using {boot_url}",
+                config.mac
+            ),
+        }
+        dhcp_line = Some(format!(
+            "net0: {}/{} via DHCP from {} (boot file {})",
+            lease.ip,
+            config.mac,
+            lease.server_id,
+            lease.bootfile.as_deref().unwrap_or("none")
+        ));
+    }
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        .local_address(local_ip)
         .build()
     {
         Ok(c) => c,
@@ -435,10 +770,6 @@ async fn boot(config: SimDutConfig) {
             return;
         }
     };
-    let boot_url = format!(
-        "{}/boot/{}/boot.ipxe?platform={}&buildarch={}",
-        config.executor_url, config.mac, config.platform, config.buildarch
-    );
     // Firmware: retry the boot script every second, like the iPXE binaries.
     let boot = loop {
         match fetch(&client, &boot_url).await {
@@ -451,7 +782,11 @@ async fn boot(config: SimDutConfig) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let Some(mut console) = Console::connect(&config.console_addr).await else {
+    // A slow (or stuck) firmware: silent for that long before any output.
+    if let Some(secs) = boot_delay(&boot.kernel_args) {
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    }
+    let Some(mut console) = Console::connect(&config.console_addr, local_ip).await else {
         tracing::warn!(
             "simulated DUT {}: cannot reach the netconsole at {}",
             config.mac,
@@ -465,6 +800,9 @@ async fn boot(config: SimDutConfig) {
     console
         .print("iPXE (simulated) -- Open Source Network Boot Firmware")
         .await;
+    if let Some(l) = &dhcp_line {
+        console.print(l).await;
+    }
     for e in &boot.echoes {
         console.print(e).await;
     }
@@ -613,13 +951,22 @@ impl crate::vpdu::OutletDut for SimDut {
 /// from `executor_url` and connects its console to the outlet's SALAD
 /// console port (8006 when the server was given none) on `console_host`.
 pub fn sim_duts(executor_url: String, console_host: String) -> impl crate::vpdu::DutFactory {
+    sim_duts_with_dhcp(executor_url, console_host, None)
+}
+
+/// [`sim_duts`] whose machines first ask `dhcp` for an address and a boot
+/// file (none: no DHCP).
+pub fn sim_duts_with_dhcp(
+    executor_url: String,
+    console_host: String,
+    dhcp: Option<SimDhcpConfig>,
+) -> impl crate::vpdu::DutFactory {
     move |o: &crate::vpdu::OutletInfo| {
         let port = o.salad_console_port.unwrap_or(8006);
-        Box::new(SimDut::new(SimDutConfig::new(
-            &o.mac,
-            &executor_url,
-            &format!("{console_host}:{port}"),
-        ))) as Box<dyn crate::vpdu::OutletDut>
+        let mut config =
+            SimDutConfig::new(&o.mac, &executor_url, &format!("{console_host}:{port}"));
+        config.dhcp = dhcp.clone();
+        Box::new(SimDut::new(config)) as Box<dyn crate::vpdu::OutletDut>
     }
 }
 
@@ -672,6 +1019,50 @@ mod tests {
     }
 
     #[test]
+    fn dhcp_requests_look_like_ipxe() {
+        let mac = parse_mac("52:54:00:11:22:0a").unwrap();
+        assert_eq!(mac, [0x52, 0x54, 0, 0x11, 0x22, 0x0a]);
+        assert_eq!(parse_mac("52:54:00:11:22"), None);
+        assert_eq!(parse_mac("52:54:00:11:22:0a:00"), None);
+        assert_eq!(client_arch("pcbios", "x86_64"), 0);
+        assert_eq!(client_arch("efi", "x86_64"), 7);
+        assert_eq!(client_arch("efi", "arm64"), 11);
+        let ip = Ipv4Addr::new(10, 42, 0, 5);
+        let server = Ipv4Addr::new(10, 42, 0, 1);
+        let m = dhcp_request(MessageType::Request, 7, &mac, 7, Some((ip, server)));
+        // Vivian's own DHCP parser sees an iPXE netboot request.
+        let req = vivian_boots::dhcp::parse_request(&m.to_vec().unwrap()).unwrap();
+        assert_eq!(req.xid, 7);
+        assert_eq!(req.client_arch, Some(7));
+        assert!(req.is_ipxe());
+        assert_eq!(req.requested_ip, Some(ip));
+        assert_eq!(req.server_id, Some(server));
+        assert_eq!(
+            req.vendor_class.as_deref(),
+            Some(&b"PXEClient:Arch:00007:UNDI:002001"[..])
+        );
+        assert!(req.parameter_request_list.contains(&67));
+    }
+
+    #[test]
+    fn time_placeholder_is_now() {
+        let cfg = SimDutConfig::new("52:54:00:11:22:00", "http://e", "127.0.0.1:1");
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let t: u128 = substitute("@TIME_NS@", &cfg).parse().unwrap();
+        assert!(
+            t >= before && t < before + 10_000_000_000,
+            "{t} vs {before}"
+        );
+        assert_eq!(
+            substitute("@MAC@ @IP@ @EXECUTOR@", &cfg),
+            "52:54:00:11:22:00 127.0.0.1 http://e"
+        );
+    }
+
+    #[test]
     fn cmdline_split_and_script() {
         assert_eq!(
             split_cmdline(r#"a b="c d"  vivian.cmd="print hi there" e"#),
@@ -684,5 +1075,12 @@ mod tests {
         assert_eq!(s, vec!["print one", "sleep 0", "print two", "poweroff"]);
         // A kernel that is not a script contributes nothing.
         assert_eq!(build_script(b"\x7fELF....", ""), Vec::<String>::new());
+        assert_eq!(boot_delay("a vivian.boot_delay=2.5 b"), Some(2.5));
+        assert_eq!(
+            boot_delay("vivian.boot_delay=1 vivian.boot_delay=3"),
+            Some(3.0)
+        );
+        assert_eq!(boot_delay("vivian.boot_delay=-1 vivian.boot_delay=x"), None);
+        assert_eq!(boot_delay("quiet"), None);
     }
 }

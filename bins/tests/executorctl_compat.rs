@@ -3,7 +3,9 @@
 //! /var/tmp on first use): the reference `executorctl` runs jobs against our
 //! fake executor, which speaks `vivian_core::protocol`, and exits with each
 //! status; the reference's own `message.py` and our codec read each other's
-//! frames.
+//! frames; and the reference `executorctl` runs whole jobs on our real
+//! executor (the `executor`, `salad` and `vpdu` binaries with a simulated
+//! DUT), getting the console streamed and exiting with each verdict.
 
 mod executorctl_support;
 
@@ -264,4 +266,270 @@ print(json.dumps(out))
         );
     }
     assert_eq!(report[9][1], vivian_core::protocol::EOF_MID_FRAME);
+}
+
+/// Kills the child process when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for(url: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    for _ in 0..300 {
+        if let Ok(r) = reqwest::get(url).await {
+            if let Ok(v) = r.json::<serde_json::Value>().await {
+                if ok(&v) {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: {url} never answered as expected");
+}
+
+/// Our real executor, as an operator runs it: `salad`, `vpdu` with
+/// simulated DUTs, `executor` on a MarsDB file (one DUT, tag `sim`, with
+/// `EXECUTOR_JOB__POOL=sim`), and an HTTP server for the job artifacts.
+struct RealFarm {
+    api: String,
+    artifacts: String,
+    dir: tempfile::TempDir,
+    _procs: Vec<Proc>,
+    _files: tokio::task::JoinHandle<()>,
+}
+
+const REAL_DUT: &str = "52:54:00:11:22:01";
+
+async fn real_farm() -> RealFarm {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(
+        files.join("kernel"),
+        "#!vivian-sim\nprint [    1.000000] simulated kernel up\n",
+    )
+    .unwrap();
+    std::fs::write(files.join("initrd"), "initrd").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let files_addr = listener.local_addr().unwrap();
+    let files_task = tokio::spawn(warp::serve(warp::fs::dir(files)).incoming(listener).run());
+
+    let salad_port = free_port();
+    let netconsole_port = free_port();
+    let exec_port = free_port();
+    let quiet = || Stdio::null();
+    let salad = Proc(
+        Command::new(env!("CARGO_BIN_EXE_salad"))
+            .env("SALAD_PORT", salad_port.to_string())
+            .env("SALAD_TCPCONSOLE_PORT", netconsole_port.to_string())
+            .env("SALAD_TCPCONSOLE_HOST", "127.0.0.1")
+            .env("SALAD_MACHINE_HOST", "127.0.0.1")
+            .env("SALAD_LOG_DIR", dir.path().join("consoles"))
+            .env("SALAD_SERIAL_GLOBS", "")
+            .stdout(quiet())
+            .stderr(quiet())
+            .spawn()
+            .expect("the salad binary starts"),
+    );
+    wait_for(
+        &format!("http://127.0.0.1:{salad_port}/api/v1/machine"),
+        "salad",
+        |_| true,
+    )
+    .await;
+
+    let mut vpdu = Proc(
+        Command::new(env!("CARGO_BIN_EXE_vpdu"))
+            .args(["--host", "127.0.0.1", "--port", "0", "--num-ports", "2"])
+            .args(["--salad-console-port", &netconsole_port.to_string()])
+            .args(["--executor-url", &format!("http://127.0.0.1:{exec_port}")])
+            .stdout(Stdio::piped())
+            .stderr(quiet())
+            .spawn()
+            .expect("the vpdu binary starts"),
+    );
+    let stdout = vpdu.0.stdout.take().unwrap();
+    let banner = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let vpdu_addr = banner
+        .split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("unexpected vpdu banner {banner:?}"))
+        .to_string();
+
+    let db = dir.path().join("mars_db.yaml");
+    std::fs::write(
+        &db,
+        format!(
+            "pdus:\n  VPDU:\n    driver: vpdu\n    config:\n      hostname: {vpdu_addr}\nduts:\n  {REAL_DUT}:\n    base_name: sim\n    ip_address: 127.0.0.1\n    tags: [sim]\n    pdu: VPDU\n    pdu_port_id: '1'\n    pdu_off_delay: 0.1\n    ready_for_service: true\n"
+        ),
+    )
+    .unwrap();
+    let executor = Proc(
+        Command::new(env!("CARGO_BIN_EXE_executor"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("FARM_NAME", "compat")
+            .env("MARS_DB_FILE", &db)
+            .env("EXECUTOR_HOST", "127.0.0.1")
+            .env("EXECUTOR_PORT", exec_port.to_string())
+            .env("SALAD_URL", format!("http://127.0.0.1:{salad_port}"))
+            .env("BOOTS_DISABLE_SERVERS", "1")
+            .env("GITLAB_CONF_FILE", dir.path().join("gitlab-runner.toml"))
+            // A variable of the job templates (EX B.6), used by the jobs'
+            // target: the submission-time render must see it too.
+            .env("EXECUTOR_JOB__POOL", "sim")
+            .stdout(quiet())
+            .stderr(quiet())
+            .spawn()
+            .expect("the executor binary starts"),
+    );
+    let api = format!("http://127.0.0.1:{exec_port}");
+    wait_for(
+        &format!("{api}/api/v1/dut/{REAL_DUT}"),
+        "the DUT becomes IDLE",
+        |v| v["state"] == "IDLE",
+    )
+    .await;
+    RealFarm {
+        api,
+        artifacts: format!("http://{files_addr}"),
+        dir,
+        _procs: vec![executor, vpdu, salad],
+        _files: files_task,
+    }
+}
+
+impl RealFarm {
+    /// Writes a job whose DUT runs `cmds` (simulated-DUT script commands).
+    fn job(&self, name: &str, extra: &str, cmds: &[&str]) -> PathBuf {
+        let mut cmdline = String::from("        - \"SALAD.machine_id={{ machine_id }}\"\n");
+        for c in cmds {
+            cmdline.push_str(&format!("        - 'vivian.cmd=\"{c}\"'\n"));
+        }
+        let text = format!(
+            r#"version: 1
+target: {{tags: ["{{{{ pool }}}}"]}}
+{extra}
+console_patterns:
+  session_end: {{regex: "reboot: Power down"}}
+  job_success: {{regex: "^JOB_RESULT=PASS"}}
+deployment:
+  start:
+    kernel:
+      url: "{a}/kernel"
+      cmdline:
+{cmdline}    initramfs:
+      url: "{a}/initrd"
+"#,
+            a = self.artifacts
+        );
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    async fn run(&self, job: &Path, extra_args: &[&str]) -> (Option<i32>, String) {
+        let mut args = vec!["-e".to_string(), self.api.clone(), "run".to_string()];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        args.push(job.display().to_string());
+        let out = reference_executorctl(args, mcli_stub(self.dir.path())).await;
+        let text = format!(
+            "{}\n--- stderr ---\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The DUT goes back to IDLE before the next job.
+        wait_for(
+            &format!("{}/api/v1/dut/{REAL_DUT}", self.api),
+            "the DUT goes back to IDLE",
+            |v| v["state"] == "IDLE",
+        )
+        .await;
+        (out.status.code(), text)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_client_runs_jobs_on_our_real_executor() {
+    tokio::task::spawn_blocking(venv).await.unwrap();
+    let farm = real_farm().await;
+
+    // PASS: the console is streamed, the verdict is the exit code.
+    let pass = farm.job(
+        "pass.yml",
+        "timeouts:\n  overall: {minutes: 1}",
+        &[
+            "print running on @MAC@",
+            "print JOB_RESULT=PASS",
+            "poweroff",
+        ],
+    );
+    let (code, out) = farm.run(&pass, &["-j", "compat-pass"]).await;
+    assert_eq!(code, Some(0), "PASS exits 0:\n{out}");
+    assert!(out.contains("simulated kernel up"), "{out}");
+    assert!(out.contains(&format!("running on {REAL_DUT}")), "{out}");
+    assert!(out.contains("JOB_RESULT=PASS"), "{out}");
+    assert!(out.contains("Matched the following patterns"), "{out}");
+
+    // FAIL, with the target given on the command line (-i).
+    let fail = farm.job(
+        "fail.yml",
+        "timeouts:\n  overall: {minutes: 1}",
+        &["print JOB_RESULT=FAIL", "poweroff"],
+    );
+    let (code, out) = farm.run(&fail, &["-i", REAL_DUT]).await;
+    assert_eq!(code, Some(3), "FAIL exits 3:\n{out}");
+    assert!(out.contains("JOB_RESULT=FAIL"), "{out}");
+
+    // INCOMPLETE: the DUT hangs and the console timeout has no retry left.
+    let hang = farm.job(
+        "hang.yml",
+        "timeouts:\n  overall: {minutes: 1}\n  console_activity: {seconds: 1}",
+        &["print about to hang", "hang"],
+    );
+    let (code, out) = farm.run(&hang, &["-t", "sim"]).await;
+    assert_eq!(code, Some(4), "INCOMPLETE exits 4:\n{out}");
+    assert!(out.contains("about to hang"), "{out}");
+
+    // Refused (a deadline in the past): SETUP_FAIL, nothing runs.
+    let late = farm.dir.path().join("late.yml");
+    std::fs::write(
+        &late,
+        std::fs::read_to_string(&pass).unwrap().replace(
+            "version: 1\n",
+            "version: 1\ndeadline: \"2001-01-01 00:00:00\"\n",
+        ),
+    )
+    .unwrap();
+    let (code, out) = farm.run(&late, &[]).await;
+    assert_eq!(code, Some(6), "a refused job exits 6:\n{out}");
+    assert!(out.contains("deadline"), "the reason is shown:\n{out}");
+
+    // Three jobs ran, each logged.
+    let logs = std::fs::read_dir(farm.dir.path().join("job_logs"))
+        .unwrap()
+        .count();
+    assert_eq!(logs, 3);
 }

@@ -419,3 +419,303 @@ fn only_log(f: &DemoFarm) -> String {
     assert_eq!(logs.len(), 1, "{logs:?}");
     std::fs::read_to_string(&logs[0]).unwrap()
 }
+
+#[tokio::test]
+async fn executor_job_variables_reach_the_submission_and_the_job() {
+    // EXECUTOR_JOB__POOL=sim:outlet2: the target is rendered at submission
+    // (no metadata target) and the command line in the job engine.
+    let f = DemoFarm::start(DemoOptions {
+        duts: 4,
+        job_env: [("pool".to_string(), "sim:outlet2".to_string())].into(),
+        ..DemoOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = job(
+        &["{{ pool }}"],
+        PATTERNS,
+        &[
+            "print ran on @MAC@ in {{ pool }}",
+            "print JOB_RESULT=PASS",
+            "poweroff",
+        ],
+    );
+    let path = write_job(&f, dir.path(), "pool.yml", &text);
+    assert_eq!(run(&f, path, |_| {}).await, JobStatus::Pass);
+    let log = only_log(&f);
+    assert!(
+        log.contains("ran on 52:54:00:11:22:02 in sim:outlet2"),
+        "{log}"
+    );
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn simulated_duts_get_their_address_and_boot_file_from_our_dhcp_server() {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test needs root: the simulated DUT's DHCP client listens on port 68 \
+         and the DHCP server binds to the loopback interface (SO_BINDTODEVICE)"
+    );
+    let f = DemoFarm::start(DemoOptions {
+        duts: 1,
+        dhcp: true,
+        ..DemoOptions::default()
+    })
+    .await
+    .expect("the demo farm with DHCP starts");
+    assert!(f.dhcp_addr.is_some());
+    let dir = tempfile::tempdir().unwrap();
+    let text = job(
+        &["sim"],
+        PATTERNS,
+        &[
+            "print my address is @IP@",
+            "print JOB_RESULT=PASS",
+            "poweroff",
+        ],
+    );
+    let path = write_job(&f, dir.path(), "dhcp.yml", &text);
+    assert_eq!(run(&f, path, |_| {}).await, JobStatus::Pass);
+    // The address is the DUT's static address in MarsDB, given by DHCP.
+    let log = only_log(&f);
+    assert!(log.contains("my address is 127.1.0.1"), "{log}");
+    assert!(
+        log.contains("net0: 127.1.0.1/52:54:00:11:22:00 via DHCP from 127.0.0.1"),
+        "{log}"
+    );
+    // A full DORA as iPXE makes it, answered with the boot.ipxe URL.
+    use vivian_core::netboot::{BootEventKind, DhcpMessage};
+    let events = f.boot_events();
+    let dhcp: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            BootEventKind::Dhcp {
+                message,
+                ipxe,
+                given_ip,
+                bootfile,
+                client_arch,
+                ..
+            } => Some((
+                *message,
+                *ipxe,
+                *given_ip,
+                bootfile.clone(),
+                client_arch.map(|a| a.id),
+            )),
+            _ => None,
+        })
+        .collect();
+    let url = format!(
+        "{}/boot/52:54:00:11:22:00/boot.ipxe?platform=pcbios&buildarch=i386",
+        f.api_url
+    );
+    let ip = Some("127.1.0.1".parse().unwrap());
+    assert_eq!(
+        dhcp,
+        vec![
+            (DhcpMessage::Discover, true, ip, Some(url.clone()), Some(0)),
+            (DhcpMessage::Request, true, ip, Some(url), Some(0)),
+        ],
+        "{events:?}"
+    );
+    assert!(events
+        .iter()
+        .all(|e| e.dut_id.as_deref() == Some("52:54:00:11:22:00")));
+    f.stop().await;
+}
+
+/// One case of the timeouts table: the timeouts, the commands of the
+/// `start` and `continue` boots, the verdict and what the log must say.
+struct TimeoutCase {
+    name: &'static str,
+    timeouts: &'static str,
+    start: &'static [&'static str],
+    again: &'static [&'static str],
+    want: JobStatus,
+    log: &'static [&'static str],
+}
+
+#[tokio::test]
+async fn each_timeout_expires_with_and_without_retries_left() {
+    const PASS: &[&str] = &["print JOB_RESULT=PASS", "poweroff"];
+    // A DUT that keeps talking for about 4 s without ending the session.
+    const CHATTY: &[&str] = &[
+        "print tick",
+        "sleep 0.4",
+        "print tick",
+        "sleep 0.4",
+        "print tick",
+        "sleep 0.4",
+        "print tick",
+        "sleep 0.4",
+        "print tick",
+        "sleep 0.4",
+        "print tick",
+        "sleep 0.4",
+        "print tick",
+        "sleep 0.4",
+        "print tick",
+        "sleep 0.4",
+        "print tick",
+        "sleep 0.4",
+        "print tick",
+        "sleep 0.4",
+        "hang",
+    ];
+    let cases = [
+        TimeoutCase {
+            name: "first_console_activity, retried, then the continue boot passes",
+            timeouts: "first_console_activity: {seconds: 1.5, retries: 1}",
+            start: &["vivian.boot_delay=10"],
+            again: PASS,
+            want: JobStatus::Pass,
+            log: &["Hit: timeout first_console_activity expired (retry 1/1)"],
+        },
+        TimeoutCase {
+            name: "first_console_activity without retries",
+            timeouts: "first_console_activity: {seconds: 1.5}",
+            start: &["vivian.boot_delay=10"],
+            again: PASS,
+            want: JobStatus::Incomplete,
+            log: &["first_console_activity expired (retry 1/0): no retries left"],
+        },
+        TimeoutCase {
+            name: "console_activity, retried, then the continue boot passes",
+            timeouts: "console_activity: {seconds: 1, retries: 1}",
+            start: &["print going silent", "hang"],
+            again: PASS,
+            want: JobStatus::Pass,
+            log: &["Hit: timeout console_activity expired (retry 1/1)"],
+        },
+        TimeoutCase {
+            name: "boot_cycle, retried, then the continue boot passes",
+            timeouts: "boot_cycle: {seconds: 1.5, retries: 1}\n  console_activity: {seconds: 3}",
+            start: CHATTY,
+            again: PASS,
+            want: JobStatus::Pass,
+            log: &["Hit: timeout boot_cycle expired (retry 1/1)"],
+        },
+        TimeoutCase {
+            name: "boot_cycle without retries",
+            timeouts: "boot_cycle: {seconds: 1.5}\n  console_activity: {seconds: 3}",
+            start: CHATTY,
+            again: PASS,
+            want: JobStatus::Incomplete,
+            log: &["boot_cycle expired (retry 1/0): no retries left"],
+        },
+        TimeoutCase {
+            name: "overall (never retried)",
+            timeouts: "overall: {seconds: 1.5}\n  console_activity: {seconds: 3, retries: 3}",
+            start: CHATTY,
+            again: PASS,
+            want: JobStatus::Incomplete,
+            log: &["The overall timeout expired"],
+        },
+        TimeoutCase {
+            name: "a watchdog, retried, then the continue boot passes",
+            timeouts: "watchdogs:\n    heartbeat: {seconds: 1, retries: 1}",
+            start: &[
+                "print HB_START",
+                "print still talking",
+                "sleep 0.4",
+                "print still talking",
+                "sleep 0.4",
+                "print still talking",
+                "sleep 0.4",
+                "print still talking",
+                "sleep 0.4",
+                "print still talking",
+                "sleep 20",
+                "poweroff",
+            ],
+            again: PASS,
+            want: JobStatus::Pass,
+            log: &["Hit: timeout heartbeat expired (retry 1/1)"],
+        },
+    ];
+    let f = farm(cases.len() as u8).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut handles = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let list = |cmds: &[&str]| {
+            cmds.iter()
+                .map(|c| {
+                    if c.starts_with("vivian.") {
+                        format!("'{c}'")
+                    } else {
+                        format!("'vivian.cmd=\"{c}\"'")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let text = format!(
+            r#"version: 1
+target: {{tags: ["sim:outlet{i}"]}}
+console_patterns:
+  session_end: {{regex: "reboot: Power down"}}
+  job_success: {{regex: "^JOB_RESULT=PASS"}}
+  watchdogs:
+    heartbeat:
+      start: {{regex: "^HB_START"}}
+      reset: {{regex: "^HB_RESET"}}
+      stop: {{regex: "^HB_STOP"}}
+timeouts:
+  {timeouts}
+deployment:
+  start:
+    kernel:
+      url: "@ARTIFACTS@/kernel"
+      cmdline: [{start}]
+    initramfs:
+      url: "@ARTIFACTS@/initrd"
+  continue:
+    kernel:
+      cmdline: [{again}]
+"#,
+            timeouts = case.timeouts,
+            start = list(case.start),
+            again = list(case.again),
+        );
+        let path = write_job(&f, dir.path(), &format!("case{i}.yml"), &text);
+        let mut opts = RunOptions::new(f.api_url.clone(), path);
+        opts.interactive = false;
+        opts.job_id = Some(format!("case{i}"));
+        handles.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(120), run_job(&opts))
+                .await
+                .expect("the job ends in time")
+        }));
+    }
+    let mut failures = Vec::new();
+    for (i, (case, h)) in cases.iter().zip(handles).enumerate() {
+        let status = h.await.unwrap();
+        let log = std::fs::read_dir(f.job_log_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("case{i}."))
+            })
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .unwrap_or_default();
+        if status != case.want {
+            failures.push(format!(
+                "{}: {status}, expected {}\n{log}",
+                case.name, case.want
+            ));
+        }
+        for want in case.log {
+            if !log.contains(want) {
+                failures.push(format!("{}: the log lacks {want:?}\n{log}", case.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    f.stop().await;
+}

@@ -32,6 +32,8 @@ pub(crate) struct Inner {
     pub runners: OnceLock<Arc<dyn RunnerHook>>,
     /// Console log endpoints of the DUTs (optional).
     pub logs: OnceLock<Arc<dyn LogsSource>>,
+    /// `EXECUTOR_JOB__*` variables of the submission-time render.
+    pub job_env: std::collections::BTreeMap<String, String>,
 }
 
 impl Inner {
@@ -50,6 +52,7 @@ impl Inner {
             minio_url,
             runners: OnceLock::new(),
             logs: OnceLock::new(),
+            job_env: Default::default(),
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct ApiOptions {
     /// `MINIO_URL`, a variable of the submission-time render of job
     /// templates.
     pub minio_url: String,
+    /// The executor's `EXECUTOR_JOB__*` variables (lower-case names without
+    /// the prefix), also variables of the submission-time render.
+    pub job_env: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ApiOptions {
@@ -65,6 +68,7 @@ impl Default for ApiOptions {
         Self {
             netboot: None,
             minio_url: "http://ci-gateway:9000".to_string(),
+            job_env: Default::default(),
         }
     }
 }
@@ -77,12 +81,10 @@ impl ApiState {
 
     /// The API state for `farm`.
     pub fn with_options(farm: Arc<Farm>, options: ApiOptions) -> Self {
+        let mut inner = handlers::Inner::new(farm, options.netboot, options.minio_url);
+        inner.job_env = options.job_env;
         Self {
-            inner: Arc::new(handlers::Inner::new(
-                farm,
-                options.netboot,
-                options.minio_url,
-            )),
+            inner: Arc::new(inner),
         }
     }
 

@@ -58,6 +58,15 @@ struct Args {
     /// Extra QEMU argument for every VM, repeatable (--dut qemu).
     #[arg(long, allow_hyphen_values = true)]
     qemu_arg: Vec<String>,
+    /// The DHCP server the simulated DUTs ask for an address and a boot
+    /// file before booting (`255.255.255.255:67` on a real network, the
+    /// server's address on loopback). Without it they skip DHCP. Their
+    /// DHCP client listens on port 68 (needs root or CAP_NET_BIND_SERVICE).
+    #[arg(long, requires = "executor_url")]
+    dhcp_server: Option<std::net::SocketAddr>,
+    /// The interface the simulated DUTs' DHCP client binds to.
+    #[arg(long, requires = "dhcp_server")]
+    dhcp_interface: Option<String>,
 }
 
 /// What is behind the outlets.
@@ -115,7 +124,15 @@ async fn main() -> anyhow::Result<()> {
             VpduServer::bind(
                 addr,
                 config,
-                vivian::simdut::sim_duts(url.trim_end_matches('/').to_string(), args.console_host),
+                vivian::simdut::sim_duts_with_dhcp(
+                    url.trim_end_matches('/').to_string(),
+                    args.console_host,
+                    args.dhcp_server
+                        .map(|server| vivian::simdut::SimDhcpConfig {
+                            interface: args.dhcp_interface.clone(),
+                            ..vivian::simdut::SimDhcpConfig::new(server)
+                        }),
+                ),
             )
             .await
         }

@@ -132,6 +132,25 @@ impl TemplateVars {
         }
     }
 
+    /// Adds variables by name, without replacing variables already set:
+    /// for the executor's `EXECUTOR_JOB__*` variables once stripped of
+    /// their prefix and lower-cased, as
+    /// [`crate::config::Config::job_environment`] gives them.
+    pub fn add_vars<I, K, V>(&mut self, vars: I)
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        for (k, v) in vars {
+            if !k.as_ref().is_empty() {
+                self.vars
+                    .entry(k.as_ref().to_string())
+                    .or_insert_with(|| Value::String(v.as_ref().to_string()));
+            }
+        }
+    }
+
     /// The value of a variable.
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.vars.get(name)
@@ -209,6 +228,16 @@ mod tests {
         assert_eq!(
             render("{{ machine_id }} {{ machine_tags }}", &v).unwrap(),
             "machine_id []"
+        );
+    }
+
+    #[test]
+    fn stripped_job_vars_are_added_without_override() {
+        let mut v = TemplateVars::for_submission("http://m:9000");
+        v.add_vars([("ntp_peer", "10.0.0.1"), ("minio_url", "evil"), ("", "x")]);
+        assert_eq!(
+            render("{{ntp_peer}} {{minio_url}}", &v).unwrap(),
+            "10.0.0.1 http://m:9000"
         );
     }
 }

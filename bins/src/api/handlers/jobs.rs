@@ -127,7 +127,8 @@ fn looks_like_tarball(data: &[u8]) -> bool {
 }
 
 fn parse_job(inner: &Inner, text: &str) -> Result<Job, ApiError> {
-    let vars = TemplateVars::for_submission(&inner.minio_url);
+    let mut vars = TemplateVars::for_submission(&inner.minio_url);
+    vars.add_vars(&inner.job_env);
     Job::from_template(text, &vars, &ParseOptions::from_env())
         .map_err(|e| ApiError::bad_request(format!("Invalid job description: {e}")))
 }
