@@ -50,6 +50,14 @@ fn ping_re() -> &'static Regex {
     RE.get_or_init(|| Regex::new(r"(?-u)SALAD.ping").unwrap())
 }
 
+/// The literal every control line contains: one substring search (the
+/// regex crate runs a pure literal as `memmem`) rules out almost every
+/// console line before the capturing regexes run.
+fn salad_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| Regex::new(r"(?-u)SALAD").unwrap())
+}
+
 impl Console {
     pub(crate) fn machine(&self) -> Option<Arc<Machine>> {
         self.machine.lock().unwrap().clone()
@@ -101,6 +109,10 @@ where
     });
     let (reader, writer) = tokio::io::split(stream);
     inner.add_console(&console);
+    if inner.is_shut_down() {
+        // Shutdown closed the consoles it knew; this one came too late.
+        console.close();
+    }
     tokio::spawn(write_loop(console.clone(), writer, rx));
     tokio::spawn(read_loop(inner.clone(), console.clone(), reader));
     console
@@ -137,39 +149,54 @@ async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, console: Arc<Console
     let mut buf = vec![0u8; READ_BUF];
     let mut unbound: Vec<u8> = Vec::new();
     let max_unbound = inner.config.max_unbound_backlog;
-    let mut shutdown = inner.shutdown_rx();
+    // Only this task (and `add_console`, before it starts) binds the
+    // console: the machine is kept here instead of being looked up under a
+    // lock for every read.
+    let mut machine = console.machine();
+    // Shutdown closes every console, so the console's own signal is the only
+    // one to wait for: the multiplexer-wide shutdown channel is shared by
+    // every task, and polling it for each chunk made the worker threads
+    // contend on its lock. Built once: re-creating the wait future for every
+    // read registers and unregisters a waiter per chunk.
     let mut closed = console.closed.subscribe();
+    let stop = async move {
+        let _ = closed.wait_for(|c| *c).await;
+    };
+    tokio::pin!(stop);
     loop {
-        if console.is_closed() {
-            break;
-        }
         let n = tokio::select! {
+            biased;
+            _ = &mut stop => break,
             r = r.read(&mut buf) => match r {
                 Ok(0) => { tracing::info!(console = %console.name, "console closed (end of stream)"); break }
                 Ok(n) => n,
                 Err(e) => { tracing::info!(console = %console.name, "console closed: {e}"); break }
             },
-            _ = closed.wait_for(|c| *c) => break,
-            _ = shutdown.wait_for(|s| *s) => break,
         };
         let data = &buf[..n];
         let mut new_id: Option<Vec<u8>> = None;
         let mut pings = 0usize;
         splitter.push(data, |line| {
+            tracing::trace!(console = %console.name, line = ?String::from_utf8_lossy(line.bytes), "console line");
+            if !salad_re().is_match(line.bytes) {
+                return;
+            }
             if let Some(c) = machine_id_re().captures(line.bytes) {
                 new_id = Some(c[1].to_vec());
             }
             if ping_re().is_match(line.bytes) {
                 pings += 1;
             }
-            tracing::trace!(console = %console.name, line = ?String::from_utf8_lossy(line.bytes), "console line");
         });
         for _ in 0..pings {
             console.send(b"SALAD.pong\n");
         }
         if let Some(id) = new_id {
             match String::from_utf8(id) {
-                Ok(id) => inner.bind(&console, &id),
+                Ok(id) => {
+                    inner.bind(&console, &id);
+                    machine = console.machine();
+                }
                 Err(e) => tracing::warn!(
                     console = %console.name,
                     "ignoring a SALAD.machine_id that is not UTF-8: {:?}",
@@ -177,7 +204,7 @@ async fn read_loop<R: AsyncRead + Unpin>(inner: Arc<Inner>, console: Arc<Console
                 ),
             }
         }
-        match console.machine() {
+        match &machine {
             Some(m) => {
                 if !unbound.is_empty() {
                     m.publish(&unbound);

@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Waker;
 
@@ -50,87 +50,105 @@ pub fn log_file_name(id: &str) -> String {
     s
 }
 
-/// A machine's console log: bytes are buffered and appended to the file; the
-/// offset of a byte is its position in the file (so offsets continue across
-/// restarts of the multiplexer).
+/// A machine's console log, data-path side: bytes are buffered here (under
+/// the machine's state lock) and written to the file by [`LogFile::flush`],
+/// off the data path. The offset of a byte is its position in the file (so
+/// offsets continue across restarts of the multiplexer).
 pub(crate) struct MachineLog {
-    path: Option<PathBuf>,
-    file: Option<File>,
     /// Total length: the file's length plus what is buffered.
     size: u64,
+    /// Bytes not yet handed to the file.
     buf: Vec<u8>,
-    error_reported: bool,
+    /// Whether bytes are kept at all (a log file is open).
+    enabled: bool,
+    /// The buffer reached [`LOG_FLUSH_THRESHOLD`]: the flusher was told.
+    flush_requested: bool,
+    /// Bytes dropped because the file writer fell [`MAX_LOG_BUFFER`] behind.
+    dropped: u64,
 }
 
 /// Buffered log bytes are written once this many are pending (and by the
 /// periodic flusher).
 const LOG_FLUSH_THRESHOLD: usize = 64 * 1024;
 
+/// Pending log bytes beyond this (the disk does not keep up) are dropped
+/// from the log, with an error, instead of growing memory without bound.
+const MAX_LOG_BUFFER: usize = 64 << 20;
+
 impl MachineLog {
-    fn open(dir: Option<&Path>, id: &str) -> Self {
+    /// Append console bytes; true when the flusher should be woken now.
+    fn append(&mut self, data: &[u8]) -> bool {
+        self.size += data.len() as u64;
+        if !self.enabled {
+            return false;
+        }
+        if self.buf.len() + data.len() > MAX_LOG_BUFFER {
+            if self.dropped == 0 {
+                tracing::error!(
+                    "the console log cannot be written fast enough: dropping bytes from it"
+                );
+            }
+            self.dropped += data.len() as u64;
+            return false;
+        }
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= LOG_FLUSH_THRESHOLD && !self.flush_requested {
+            self.flush_requested = true;
+            return true;
+        }
+        false
+    }
+}
+
+/// A machine's console log file. Writes are serialized by the file's lock,
+/// which is held from taking the pending bytes until they are written, so
+/// concurrent flushes never reorder bytes.
+pub(crate) struct LogFile {
+    path: Option<PathBuf>,
+    /// The file opened (it is never reopened): known without the lock.
+    open: bool,
+    file: Mutex<Option<File>>,
+    error_reported: AtomicBool,
+}
+
+impl LogFile {
+    fn open(dir: Option<&Path>, id: &str) -> (Self, u64) {
         let Some(dir) = dir else {
-            return Self {
-                path: None,
-                file: None,
-                size: 0,
-                buf: Vec::new(),
-                error_reported: false,
-            };
+            return (
+                Self {
+                    path: None,
+                    open: false,
+                    file: Mutex::new(None),
+                    error_reported: AtomicBool::new(false),
+                },
+                0,
+            );
         };
         let path = dir.join(log_file_name(id));
         let file = OpenOptions::new().create(true).append(true).open(&path);
-        match file {
+        let (file, size) = match file {
             Ok(f) => {
                 let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                Self {
-                    path: Some(path),
-                    file: Some(f),
-                    size,
-                    buf: Vec::new(),
-                    error_reported: false,
-                }
+                (Some(f), size)
             }
             Err(e) => {
                 tracing::error!(machine = id, path = %path.display(), "cannot open the console log: {e}");
-                Self {
-                    path: Some(path),
-                    file: None,
-                    size: 0,
-                    buf: Vec::new(),
-                    error_reported: true,
-                }
+                (None, 0)
             }
-        }
+        };
+        (
+            Self {
+                path: Some(path),
+                open: file.is_some(),
+                file: Mutex::new(file),
+                error_reported: AtomicBool::new(false),
+            },
+            size,
+        )
     }
 
-    fn append(&mut self, data: &[u8]) {
-        self.size += data.len() as u64;
-        if self.file.is_some() {
-            self.buf.extend_from_slice(data);
-            if self.buf.len() >= LOG_FLUSH_THRESHOLD {
-                self.flush();
-            }
-        }
-    }
-
-    pub(crate) fn flush(&mut self) {
-        if self.buf.is_empty() {
-            return;
-        }
-        if let Some(f) = &mut self.file {
-            if let Err(e) = f.write_all(&self.buf) {
-                if !self.error_reported {
-                    tracing::error!(
-                        path = %self.path.as_deref().unwrap_or(Path::new("")).display(),
-                        "cannot append to the console log, bytes are lost: {e}"
-                    );
-                    self.error_reported = true;
-                }
-            } else {
-                self.error_reported = false;
-            }
-        }
-        self.buf.clear();
+    fn is_open(&self) -> bool {
+        self.open
     }
 }
 
@@ -288,6 +306,9 @@ pub(crate) struct Machine {
     pub(crate) ro_port: u16,
     pub(crate) max_client_backlog: usize,
     pub(crate) state: Mutex<MachineState>,
+    log_file: LogFile,
+    /// Wakes the multiplexer's log flusher early (a log buffer is full).
+    flush_notify: Arc<Notify>,
     next_client: AtomicU64,
 }
 
@@ -298,8 +319,16 @@ impl Machine {
         ro_port: u16,
         log_dir: Option<&Path>,
         max_client_backlog: usize,
+        flush_notify: Arc<Notify>,
     ) -> Self {
-        let log = MachineLog::open(log_dir, &id);
+        let (log_file, size) = LogFile::open(log_dir, &id);
+        let log = MachineLog {
+            size,
+            buf: Vec::new(),
+            enabled: log_file.is_open(),
+            flush_requested: false,
+            dropped: 0,
+        };
         Self {
             id,
             rw_port,
@@ -310,19 +339,26 @@ impl Machine {
                 clients: Vec::new(),
                 console: None,
             }),
+            log_file,
+            flush_notify,
             next_client: AtomicU64::new(1),
         }
     }
 
-    /// Console output: append to the log and copy to every client.
+    /// Console output: append to the log buffer and copy to every client.
+    /// Never touches the disk.
     pub(crate) fn publish(&self, data: &[u8]) {
         if data.is_empty() {
             return;
         }
         let mut st = self.state.lock().unwrap();
-        st.log.append(data);
+        let wake_flusher = st.log.append(data);
         let max = self.max_client_backlog;
         st.clients.retain(|c| c.push(data, max));
+        drop(st);
+        if wake_flusher {
+            self.flush_notify.notify_one();
+        }
     }
 
     /// Register a client. A second read-write client is refused with the
@@ -378,23 +414,63 @@ impl Machine {
         (st.log.size, list)
     }
 
-    pub(crate) fn flush_log(&self) {
-        self.state.lock().unwrap().log.flush();
+    /// Write the buffered log bytes to the file. Blocking: call it off the
+    /// runtime's workers. Returns the log size it wrote up to: every byte
+    /// before that offset is in the file (unless the file is unavailable).
+    pub(crate) fn flush_log(&self) -> u64 {
+        // Held until the bytes are written: flushes stay in order.
+        let mut file = self.log_file.file.lock().unwrap();
+        let (mut data, size) = {
+            let mut st = self.state.lock().unwrap();
+            st.log.flush_requested = false;
+            (std::mem::take(&mut st.log.buf), st.log.size)
+        };
+        if data.is_empty() {
+            return size;
+        }
+        if let Some(f) = file.as_mut() {
+            match f.write_all(&data) {
+                Ok(()) => self.log_file.error_reported.store(false, Ordering::Relaxed),
+                Err(e) => {
+                    if !self.log_file.error_reported.swap(true, Ordering::Relaxed) {
+                        tracing::error!(
+                            machine = %self.id,
+                            path = %self.log_file.path.as_deref().unwrap_or(Path::new("")).display(),
+                            "cannot append to the console log, bytes are lost: {e}"
+                        );
+                    }
+                }
+            }
+        }
+        drop(file);
+        // Hand the allocation back for the next bytes (unless it grew
+        // large during a stall, or new bytes already have a buffer).
+        data.clear();
+        if data.capacity() <= 2 * LOG_FLUSH_THRESHOLD {
+            let mut st = self.state.lock().unwrap();
+            if st.log.buf.capacity() == 0 {
+                st.log.buf = data;
+            }
+        }
+        size
     }
 
-    /// Flush and return the log path and current size.
-    pub(crate) fn log_location(&self) -> (Option<PathBuf>, u64, bool) {
-        let mut st = self.state.lock().unwrap();
-        st.log.flush();
-        (st.log.path.clone(), st.log.size, st.log.file.is_some())
+    /// The log file's path, if logs are enabled and the file is open.
+    pub(crate) fn log_path(&self) -> Option<PathBuf> {
+        if self.log_file.is_open() {
+            self.log_file.path.clone()
+        } else {
+            None
+        }
     }
 
+    /// Close every client (the log is flushed by the caller, off the
+    /// runtime).
     pub(crate) fn close_all_clients(&self) {
         let mut st = self.state.lock().unwrap();
         for c in st.clients.drain(..) {
             c.close();
         }
-        st.log.flush();
     }
 }
 
@@ -423,17 +499,80 @@ mod tests {
     #[test]
     fn log_offsets_continue_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = MachineLog::open(Some(dir.path()), "m1");
-        log.append(b"hello ");
-        log.flush();
-        drop(log);
-        let mut log = MachineLog::open(Some(dir.path()), "m1");
-        assert_eq!(log.size, 6);
-        log.append(b"world");
-        log.flush();
+        let notify = Arc::new(Notify::new());
+        let m = Machine::new("m1".into(), 1, 2, Some(dir.path()), 1 << 20, notify.clone());
+        m.publish(b"hello ");
+        assert_eq!(m.flush_log(), 6);
+        drop(m);
+        let m = Machine::new("m1".into(), 1, 2, Some(dir.path()), 1 << 20, notify);
+        assert_eq!(m.clients().0, 6);
+        m.publish(b"world");
+        // Nothing reaches the file before a flush.
         let p = dir.path().join("m1.log");
+        assert_eq!(read_log_file(&p, 0, 100).unwrap(), b"hello ");
+        assert_eq!(m.flush_log(), 11);
         assert_eq!(read_log_file(&p, 0, 100).unwrap(), b"hello world");
         assert_eq!(read_log_file(&p, 6, 3).unwrap(), b"wor");
         assert_eq!(read_log_file(&p, 99, 3).unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn a_full_log_buffer_wakes_the_flusher_and_flushes_keep_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let notify = Arc::new(Notify::new());
+        let m = Arc::new(Machine::new(
+            "m2".into(),
+            1,
+            2,
+            Some(dir.path()),
+            1 << 20,
+            notify.clone(),
+        ));
+        // Small appends do not wake the flusher (it runs periodically).
+        m.publish(b"small");
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), notify.notified())
+                .await
+                .is_err()
+        );
+        // Crossing the threshold does, once.
+        let big: Vec<u8> = (0..LOG_FLUSH_THRESHOLD).map(|i| (i % 251) as u8).collect();
+        m.publish(&big);
+        tokio::time::timeout(std::time::Duration::from_secs(1), notify.notified())
+            .await
+            .expect("the flusher is woken when a log buffer is full");
+        // Concurrent flushes while bytes keep coming: the file holds the
+        // stream in order.
+        let mut expected = b"small".to_vec();
+        expected.extend_from_slice(&big);
+        let flushers: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        m.flush_log();
+                    }
+                })
+            })
+            .collect();
+        for i in 0..2000u32 {
+            let chunk = i.to_le_bytes();
+            m.publish(&chunk);
+            expected.extend_from_slice(&chunk);
+        }
+        for f in flushers {
+            f.join().unwrap();
+        }
+        assert_eq!(m.flush_log(), expected.len() as u64);
+        let p = dir.path().join("m2.log");
+        assert_eq!(read_log_file(&p, 0, usize::MAX).unwrap(), expected);
+    }
+
+    #[test]
+    fn without_a_log_directory_offsets_still_count() {
+        let m = Machine::new("m3".into(), 1, 2, None, 1 << 20, Arc::new(Notify::new()));
+        m.publish(b"abc");
+        assert_eq!(m.flush_log(), 3);
+        assert!(m.log_path().is_none());
     }
 }

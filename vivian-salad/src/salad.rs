@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use vivian_core::console::{ConsoleMachine, LogChunk, ResetOutcome};
 
 use crate::config::SaladConfig;
@@ -101,6 +101,9 @@ pub(crate) struct Inner {
     console_ids: Mutex<HashMap<String, String>>,
     shutdown: watch::Sender<bool>,
     netconsole_addr: Option<SocketAddr>,
+    /// Wakes the log flusher before its period (a machine's log buffer is
+    /// full).
+    log_flush: Arc<Notify>,
 }
 
 impl Inner {
@@ -108,7 +111,7 @@ impl Inner {
         self.shutdown.subscribe()
     }
 
-    fn is_shut_down(&self) -> bool {
+    pub(crate) fn is_shut_down(&self) -> bool {
         *self.shutdown.borrow()
     }
 
@@ -264,6 +267,7 @@ impl Inner {
             port(&ro),
             self.config.log_dir.as_deref(),
             self.config.max_client_backlog,
+            self.log_flush.clone(),
         ));
         tracing::info!(
             machine = id,
@@ -525,17 +529,32 @@ async fn serial_loop(inner: Arc<Inner>) {
     }
 }
 
+/// How often buffered console bytes are written to the machines' logs.
+const LOG_FLUSH_PERIOD: Duration = Duration::from_millis(250);
+
+impl Inner {
+    /// Write every machine's buffered log bytes, on the blocking pool (file
+    /// writes never stall the console data path).
+    async fn flush_logs(&self) {
+        let machines: Vec<_> = self.machines.lock().unwrap().values().cloned().collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for m in machines {
+                m.flush_log();
+            }
+        })
+        .await;
+    }
+}
+
 async fn log_flush_loop(inner: Arc<Inner>) {
     let mut shutdown = inner.shutdown_rx();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(LOG_FLUSH_PERIOD) => {}
+            _ = inner.log_flush.notified() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
-        let machines: Vec<_> = inner.machines.lock().unwrap().values().cloned().collect();
-        for m in machines {
-            m.flush_log();
-        }
+        inner.flush_logs().await;
     }
 }
 
@@ -588,6 +607,7 @@ impl Salad {
             console_ids: Mutex::new(HashMap::new()),
             shutdown: watch::Sender::new(false),
             netconsole_addr,
+            log_flush: Arc::new(Notify::new()),
         });
         if let Some(l) = netconsole {
             tracing::info!(addr = ?netconsole_addr, "listening for netconsoles");
@@ -722,13 +742,16 @@ impl Salad {
             .inner
             .find_machine(id)
             .ok_or_else(|| SaladError::UnknownMachine(id.into()))?;
-        let (path, size, ok) = m.log_location();
-        let path = match (path, ok) {
-            (Some(p), true) => p,
-            _ => return Err(SaladError::LogUnavailable(id.into())),
+        let Some(path) = m.log_path() else {
+            return Err(SaladError::LogUnavailable(id.into()));
         };
-        let data = tokio::task::spawn_blocking(move || {
-            crate::machine::read_log_file(&path, offset, max_len)
+        let (data, size) = tokio::task::spawn_blocking(move || {
+            // Everything before `size` is in the file once flushed; bytes
+            // flushed after it are not returned, so `size` stays an upper
+            // bound of what the chunk holds.
+            let size = m.flush_log();
+            let len = (size.saturating_sub(offset) as usize).min(max_len);
+            crate::machine::read_log_file(&path, offset, len).map(|d| (d, size))
         })
         .await
         .map_err(|e| SaladError::LogRead {
@@ -784,6 +807,7 @@ impl Salad {
         for m in machines {
             m.close_all_clients();
         }
+        self.inner.flush_logs().await;
         // Let the tasks see the signal.
         tokio::task::yield_now().await;
     }

@@ -3,17 +3,42 @@
 //! bytes/s) in chunks every `--chunk-ms`, each with a read-write client
 //! attached, console logs written to disk.
 //!
-//! Reports the CPU used by the multiplexer process (a child process running
-//! the library exactly as the `salad` binary does, measured from
-//! `/proc/<pid>/stat`) as a percentage of one core, and the latency from a
-//! chunk entering a console to its client receiving it (p50, p99, max).
+//! The multiplexer runs in a child process (the library exactly as the
+//! `salad` binary runs it), so its resource use can be read from `/proc`
+//! apart from the load generator's:
+//!
+//! - **CPU**: user + system time of the process (`/proc/<pid>/stat`), as a
+//!   percentage of one core and per console chunk. CPU time is what the
+//!   process consumed, whatever else runs on the machine, so this figure
+//!   holds on a loaded machine (within cache and frequency effects);
+//! - **syscalls** (`/proc/<pid>/io`: read/write calls) and **context
+//!   switches** (voluntary: the runtime went idle and woke up again), per
+//!   chunk: the cost model of the data path;
+//! - **run-queue wait** (`/proc/<pid>/task/*/schedstat`): how long the
+//!   multiplexer's threads were runnable but waiting for a CPU. On a loaded
+//!   machine this is what inflates the latency figures; it is reported next
+//!   to them, with the machine's load average and the share of the CPUs
+//!   others used, so a latency figure can be judged;
+//! - **latency** from a chunk entering a console (the load generator's write)
+//!   to its client receiving it: p50, p99, p99.9, max (wall clock: it
+//!   includes the scheduling delays of both processes).
+//!
+//! `--realtime` runs both processes under `SCHED_FIFO` (root only), the
+//! multiplexer above the load generator: their wake-ups then preempt
+//! ordinary processes (compilers...), which makes the latency figure
+//! meaningful on a shared machine. Without it, a loaded machine starves the
+//! load generator and the bench warns that the offered rate fell short.
+//! CPU time is measured the same way in both modes.
+//!
+//! The multiplexer runs on a multi-thread tokio runtime, as in the `salad`
+//! binary; `--current-thread` runs it on a current-thread runtime instead.
 //!
 //! Usage: `cargo run --release -p vivian-salad --bin salad-bench -- [--consoles 500]
-//! [--seconds 10] [--chunk-ms 10] [--baud 115200]`
+//! [--seconds 10] [--chunk-ms 10] [--baud 115200] [--realtime] [--current-thread]`
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +51,11 @@ struct Args {
     seconds: u64,
     chunk_ms: u64,
     baud: u64,
+    realtime: bool,
+    current_thread: bool,
 }
+
+const USAGE: &str = "usage: salad-bench [--consoles N] [--seconds S] [--chunk-ms MS] [--baud B] [--realtime] [--current-thread]";
 
 fn parse_args() -> Result<(Args, bool), String> {
     let mut a = Args {
@@ -34,22 +63,38 @@ fn parse_args() -> Result<(Args, bool), String> {
         seconds: 10,
         chunk_ms: 10,
         baud: 115_200,
+        realtime: false,
+        current_thread: false,
     };
     let mut serve = false;
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        if k == "--serve" {
-            serve = true;
-            continue;
-        }
-        let v = it.next().ok_or(format!("{k} needs a value"))?;
-        let n: u64 = v.parse().map_err(|_| format!("{k} {v}: not a number"))?;
         match k.as_str() {
-            "--consoles" => a.consoles = n as usize,
-            "--seconds" => a.seconds = n,
+            "--serve" => {
+                serve = true;
+                continue;
+            }
+            "--realtime" => {
+                a.realtime = true;
+                continue;
+            }
+            "--current-thread" => {
+                a.current_thread = true;
+                continue;
+            }
+            "--help" | "-h" => return Err(USAGE.into()),
+            _ => {}
+        }
+        let v = it.next().ok_or(format!("{k} needs a value\n{USAGE}"))?;
+        let n: u64 = v
+            .parse()
+            .map_err(|_| format!("{k} {v}: not a whole number\n{USAGE}"))?;
+        match k.as_str() {
+            "--consoles" => a.consoles = (n as usize).max(1),
+            "--seconds" => a.seconds = n.max(1),
             "--chunk-ms" => a.chunk_ms = n.max(1),
-            "--baud" => a.baud = n,
-            _ => return Err(format!("unknown option {k}")),
+            "--baud" => a.baud = n.max(10),
+            _ => return Err(format!("unknown option {k}\n{USAGE}")),
         }
     }
     Ok((a, serve))
@@ -63,16 +108,53 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.realtime {
+        // The multiplexer above the load generator: when it has work it
+        // runs, so the generator's own CPU use does not delay it.
+        set_fifo(if serve {
+            SALAD_PRIORITY
+        } else {
+            GENERATOR_PRIORITY
+        });
+    }
     if serve {
-        serve_main();
-    } else {
-        bench_main(args);
+        serve_main(args.current_thread);
+        return;
+    }
+    bench_main(args);
+}
+
+/// `SCHED_FIFO` priorities of `--realtime`.
+const SALAD_PRIORITY: i32 = 20;
+const GENERATOR_PRIORITY: i32 = 10;
+
+/// Switch the calling thread, the threads it creates from now on and its
+/// children (across fork and exec) to `SCHED_FIFO` at `priority`.
+fn set_fifo(priority: i32) {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: plain system call on the calling thread with a valid
+    // parameter block.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        eprintln!(
+            "salad-bench: --realtime: cannot switch to SCHED_FIFO (root or CAP_SYS_NICE needed): {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(2);
     }
 }
 
 /// The multiplexer under test, in its own process.
-fn serve_main() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
+fn serve_main(current_thread: bool) {
+    let rt = if current_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Runtime::new().unwrap()
+    };
     rt.block_on(async {
         let logs = std::env::temp_dir().join(format!("salad-bench-{}", std::process::id()));
         let salad = Salad::start(SaladConfig::local(Some(logs.clone())))
@@ -94,22 +176,117 @@ fn serve_main() {
     });
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name in parentheses; utime and stime are
-    // fields 14 and 15 (1-based).
-    let rest = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+/// Resource counters of a process, from `/proc`.
+#[derive(Debug, Default, Clone, Copy)]
+struct ProcSample {
+    /// utime and stime, in clock ticks (every thread, exited ones
+    /// included).
+    user_ticks: u64,
+    system_ticks: u64,
+    /// Time the live threads spent runnable but waiting for a CPU, ns.
+    run_delay_ns: u64,
+    /// Context switches of the live threads.
+    voluntary_cs: u64,
+    involuntary_cs: u64,
+    /// read-like and write-like system calls (`/proc/<pid>/io`), if the
+    /// kernel accounts them.
+    syscalls: Option<(u64, u64)>,
 }
 
 /// USER_HZ, fixed at 100 by the Linux ABI on the architectures we run on.
 const TICKS_PER_SEC: f64 = 100.0;
 
+fn read_proc(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn sample(pid: u32) -> ProcSample {
+    let mut s = ProcSample::default();
+    let stat = read_proc(&format!("/proc/{pid}/stat"));
+    if let Some(close) = stat.rfind(')') {
+        // Fields after the command name: state is field 3, utime and stime
+        // are fields 14 and 15 (1-based).
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        s.user_ticks = num(11);
+        s.system_ticks = num(12);
+    }
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let dir = t.path();
+            let sched = read_proc(&format!("{}/schedstat", dir.display()));
+            if let Some(d) = sched.split_whitespace().nth(1) {
+                s.run_delay_ns += d.parse::<u64>().unwrap_or(0);
+            }
+            for line in read_proc(&format!("{}/status", dir.display())).lines() {
+                let val = |l: &str| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                if line.starts_with("voluntary_ctxt_switches:") {
+                    s.voluntary_cs += val(line);
+                } else if line.starts_with("nonvoluntary_ctxt_switches:") {
+                    s.involuntary_cs += val(line);
+                }
+            }
+        }
+    }
+    let io = read_proc(&format!("/proc/{pid}/io"));
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    if let (Some(r), Some(w)) = (field("syscr:"), field("syscw:")) {
+        s.syscalls = Some((r, w));
+    }
+    s
+}
+
+/// Busy and total jiffies of all CPUs (`/proc/stat`).
+fn machine_cpu() -> (u64, u64) {
+    let stat = read_proc("/proc/stat");
+    let Some(line) = stat.lines().next() else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle + iowait
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+fn load_average() -> String {
+    read_proc("/proc/loadavg")
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// CPU time (user + system) this process used so far, in seconds.
+fn own_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 fn bench_main(args: Args) {
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
         .arg("--serve")
+        .args(args.realtime.then_some("--realtime"))
+        .args(args.current_thread.then_some("--current-thread"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -143,7 +320,7 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
     let http_client = reqwest::Client::new();
     let mut consoles = Vec::with_capacity(n);
     let latencies = Arc::new(Mutex::new(Vec::<u32>::new()));
-    let recording = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let recording = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
     for i in 0..n {
         let mut c = TcpStream::connect(netconsole).await.unwrap();
@@ -168,6 +345,7 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16384];
             let mut partial: Vec<u8> = Vec::new();
+            let mut local = Vec::new();
             loop {
                 let k = match client.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
@@ -176,20 +354,24 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
                 let now = epoch.elapsed().as_micros() as u64;
                 recv.fetch_add(k as u64, Ordering::Relaxed);
                 partial.extend_from_slice(&buf[..k]);
-                let mut local = Vec::new();
-                while let Some(p) = partial.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = partial.drain(..=p).collect();
+                let mut used = 0;
+                while let Some(p) = partial[used..].iter().position(|&b| b == b'\n') {
+                    let line = &partial[used..used + p + 1];
+                    used += p + 1;
                     if line.len() > 17 && line[0] == b'T' {
-                        if let Ok(s) = std::str::from_utf8(&line[1..17]) {
-                            if let Ok(sent) = u64::from_str_radix(s, 16) {
-                                local.push(now.saturating_sub(sent) as u32);
-                            }
+                        if let Some(sent) = std::str::from_utf8(&line[1..17])
+                            .ok()
+                            .and_then(|s| u64::from_str_radix(s, 16).ok())
+                        {
+                            local.push(now.saturating_sub(sent) as u32);
                         }
                     }
                 }
+                partial.drain(..used);
                 if rec.load(Ordering::Relaxed) && !local.is_empty() {
-                    lat.lock().unwrap().extend(local);
+                    lat.lock().unwrap().append(&mut local);
                 }
+                local.clear();
             }
         });
         consoles.push(c);
@@ -208,17 +390,23 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tick: u64 = 0;
     let mut sent_bytes: u64 = 0;
+    let mut sent_chunks: u64 = 0;
     let mut measuring = false;
-    let (mut cpu0, mut t0) = (0u64, Instant::now());
+    let mut t0 = Instant::now();
+    let (mut s0, mut m0, mut own0, mut load0) = (ProcSample::default(), (0, 0), 0.0, String::new());
     let mut line = vec![b'.'; chunk];
     *line.last_mut().unwrap() = b'\n';
     while start.elapsed() < total {
         if !measuring && start.elapsed() >= warmup {
             measuring = true;
             recording.store(true, Ordering::Relaxed);
-            cpu0 = cpu_ticks(pid);
+            s0 = sample(pid);
+            m0 = machine_cpu();
+            own0 = own_cpu();
+            load0 = load_average();
             t0 = Instant::now();
             sent_bytes = 0;
+            sent_chunks = 0;
             received.store(0, Ordering::Relaxed);
         }
         interval.tick().await;
@@ -231,12 +419,16 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
             let c = &mut consoles[i];
             c.write_all(&line).await.unwrap();
             sent_bytes += line.len() as u64;
+            sent_chunks += 1;
             i += ticks_per_period as usize;
         }
         tick += 1;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = (cpu_ticks(pid) - cpu0) as f64 / TICKS_PER_SEC;
+    let s1 = sample(pid);
+    let m1 = machine_cpu();
+    let own = own_cpu() - own0;
+    let load1 = load_average();
     recording.store(false, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let recv = received.load(Ordering::Relaxed);
@@ -248,23 +440,73 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
         }
         lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0
     };
+
+    let user = (s1.user_ticks - s0.user_ticks) as f64 / TICKS_PER_SEC;
+    let system = (s1.system_ticks - s0.system_ticks) as f64 / TICKS_PER_SEC;
+    let cpu = user + system;
+    let nominal = n as f64 * (args.baud / 10) as f64;
+    let offered = sent_bytes as f64 / wall;
+    let shortfall = if offered < 0.95 * nominal {
+        format!(
+            "\nWARNING: the load generator offered only {:.0}% of the nominal rate (it did not get enough CPU): \
+             the figures are not comparable; run with --realtime",
+            100.0 * offered / nominal
+        )
+    } else {
+        String::new()
+    };
+    let chunks = sent_chunks.max(1) as f64;
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    let (busy, all) = (m1.0 - m0.0, (m1.1 - m0.1).max(1));
+    let machine_busy = busy as f64 / all as f64 * ncpu;
+    let others = (machine_busy - (cpu + own) / wall).max(0.0);
+    let syscalls = match (s0.syscalls, s1.syscalls) {
+        (Some((r0, w0)), Some((r1, w1))) => format!(
+            "{:.3} read() + {:.3} write() per chunk (files and pipes: the kernel does not count socket send/recv here)",
+            (r1 - r0) as f64 / chunks,
+            (w1 - w0) as f64 / chunks
+        ),
+        _ => "not accounted by this kernel".into(),
+    };
     format!(
-        "salad-bench: {n} consoles at {} baud ({} B/s each, {chunk}-byte chunks every {} ms), {:.1} s measured\n\
-         offered {:.2} MB/s, delivered {:.2} MB/s to {n} read-write clients\n\
-         salad CPU: {:.1}% of one core ({:.2} s CPU over {:.1} s)\n\
-         byte->client latency over {} chunks: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "salad-bench: {n} consoles at {} baud ({} B/s each, {chunk}-byte chunks every {} ms), {:.1} s measured{}\n\
+         offered {:.2} MB/s ({:.0} chunks/s), delivered {:.2} MB/s to {n} read-write clients\n\
+         salad CPU: {:.1}% of one core ({:.2} s CPU over {:.1} s, {:.2} us per chunk: {:.2} us user, {:.2} us system)\n\
+         salad I/O calls: {syscalls}; context switches per chunk: {:.3} voluntary, {:.3} involuntary\n\
+         byte->client latency over {} chunks: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms\n\
+         machine: load average {load0} -> {load1}; salad threads waited {:.1} ms/s for a CPU; \
+         load generator used {:.0}% of a core, other processes {:.0}% ({} CPUs){shortfall}",
         args.baud,
         args.baud / 10,
         args.chunk_ms,
         wall,
+        match (args.realtime, args.current_thread) {
+            (false, false) => "",
+            (true, false) => " (SCHED_FIFO)",
+            (false, true) => " (current-thread runtime)",
+            (true, true) => " (SCHED_FIFO, current-thread runtime)",
+        },
         sent_bytes as f64 / wall / 1e6,
+        sent_chunks as f64 / wall,
         recv as f64 / wall / 1e6,
         100.0 * cpu / wall,
         cpu,
         wall,
+        cpu * 1e6 / chunks,
+        user * 1e6 / chunks,
+        system * 1e6 / chunks,
+        (s1.voluntary_cs - s0.voluntary_cs) as f64 / chunks,
+        (s1.involuntary_cs - s0.involuntary_cs) as f64 / chunks,
         lat.len(),
         pct(0.5),
         pct(0.99),
+        pct(0.999),
         lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        (s1.run_delay_ns.saturating_sub(s0.run_delay_ns)) as f64 / 1e6 / wall,
+        100.0 * own / wall,
+        100.0 * others,
+        ncpu,
     )
 }
