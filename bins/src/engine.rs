@@ -21,21 +21,29 @@
 //! fault they are: `infrastructure error` (PDU, console, ...), `job
 //! definition error` (the job description) or the DUT's own doing
 //! (timeouts, patterns).
+//!
+//! The farm's own jobs (Sergent Hartman's registration, boot loops and
+//! quick checks, [`JobRunner::run_internal_job`]) run the same session
+//! without a client: there is no callback connection, everything goes to
+//! the job's log file (and a bounded copy of its end is returned with the
+//! verdict), and `machine_unfit_for_service` is left to the caller.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use vivian_core::console::ConsoleSource;
-use vivian_core::farm::{AcceptedJob, Farm, FarmError, JobRunner};
+use vivian_core::farm::{
+    AcceptedJob, Farm, FarmError, InternalJob, InternalJobReport, JobRunner, JobSubmission,
+};
 use vivian_core::job::{
     ConsoleEvent, DeploymentState, Job, JobStatus, MachineVars, ParseOptions, RetryDecision,
     TemplateVars, TimeoutName,
@@ -47,6 +55,29 @@ use vivian_core::protocol::{self, Message, Payload, Severity};
 
 /// How long the engine tries to connect back to a client.
 const CALLBACK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The built-in registration job of Sergent Hartman, used unless
+/// `EXECUTOR_REGISTRATION_JOB` names a file
+/// (`examples/jobs/registration.yml.j2`).
+pub const REGISTRATION_JOB: &str = include_str!("../../examples/jobs/registration.yml.j2");
+
+/// The built-in boot-loop job of Sergent Hartman (training loops and quick
+/// checks), used unless `EXECUTOR_BOOTLOOP_JOB` names a file
+/// (`examples/jobs/bootloop.yml.j2`).
+pub const BOOTLOOP_JOB: &str = include_str!("../../examples/jobs/bootloop.yml.j2");
+
+/// Sergent Hartman's options from the configuration (`SERGENT_HARTMAN_*`),
+/// with the built-in job templates unless `EXECUTOR_REGISTRATION_JOB` /
+/// `EXECUTOR_BOOTLOOP_JOB` name files.
+pub fn training_options(
+    config: &vivian_core::config::Config,
+) -> vivian_core::farm::TrainingOptions {
+    vivian_core::farm::TrainingOptions::from_config(config, REGISTRATION_JOB, BOOTLOOP_JOB)
+}
+
+/// The most of an internal job's log returned with its report (its end is
+/// kept; the log file has everything).
+const INTERNAL_LOG_MAX: usize = 1024 * 1024;
 
 /// Options of the [`JobEngine`].
 #[derive(Debug, Clone, Default)]
@@ -90,9 +121,77 @@ impl JobRunner for JobEngine {
             console: self.console.clone(),
             options: self.options.clone(),
             job,
+            internal: None,
         };
         tokio::spawn(session.run().instrument(span));
         Ok(())
+    }
+
+    async fn run_internal_job(
+        &self,
+        farm: Arc<Farm>,
+        job: InternalJob,
+    ) -> Result<InternalJobReport, FarmError> {
+        let span = tracing::info_span!("job", dut = %job.dut, job = %job.job_id);
+        let (tx, rx) = oneshot::channel();
+        let session = Session {
+            farm,
+            console: self.console.clone(),
+            options: self.options.clone(),
+            job: AcceptedJob {
+                submission: JobSubmission {
+                    version: 1,
+                    job_id: job.job_id,
+                    job_text: job.job_text,
+                    ..JobSubmission::default()
+                },
+                dut: job.dut,
+                cancel: job.cancel,
+            },
+            internal: Some(Internal {
+                vars: job.vars,
+                capture: Arc::new(Mutex::new(Capture::default())),
+                report: Mutex::new(Some(tx)),
+            }),
+        };
+        // A task of its own: the session ends (port OFF) even if the
+        // caller stops waiting.
+        tokio::spawn(session.run().instrument(span));
+        rx.await.map_err(|_| {
+            FarmError::Internal("the internal job's task ended without a report".into())
+        })
+    }
+}
+
+/// What a job the farm runs itself (no client) adds to a session.
+struct Internal {
+    /// Extra template variables.
+    vars: BTreeMap<String, serde_json::Value>,
+    /// The end of the log, and whether the console said anything.
+    capture: Arc<Mutex<Capture>>,
+    /// Where the report goes.
+    report: Mutex<Option<oneshot::Sender<InternalJobReport>>>,
+}
+
+/// A bounded copy of the end of a job's log.
+#[derive(Default)]
+struct Capture {
+    text: Vec<u8>,
+    console_data: bool,
+}
+
+impl Capture {
+    fn push(&mut self, data: &[u8]) {
+        self.text.extend_from_slice(data);
+        if self.text.len() > 2 * INTERNAL_LOG_MAX {
+            let cut = self.text.len() - INTERNAL_LOG_MAX;
+            self.text.drain(..cut);
+        }
+    }
+
+    fn log(&self) -> String {
+        let start = self.text.len().saturating_sub(INTERNAL_LOG_MAX);
+        String::from_utf8_lossy(&self.text[start..]).into_owned()
     }
 }
 
@@ -145,14 +244,15 @@ impl Reporter {
 }
 
 /// Writes every message to `log` (console bytes raw, control messages as
-/// `[vivian] ...` lines) and to the client until it fails.
+/// `[vivian] ...` lines), to `capture` and to the client until it fails.
 async fn pump_messages(
     mut rx: mpsc::UnboundedReceiver<Message>,
     mut client: Option<tokio::net::tcp::OwnedWriteHalf>,
     mut log: Option<tokio::fs::File>,
+    capture: Option<Arc<Mutex<Capture>>>,
 ) {
     while let Some(msg) = rx.recv().await {
-        if let Some(file) = log.as_mut() {
+        if log.is_some() || capture.is_some() {
             let text: Vec<u8> = match &msg.payload {
                 Payload::JobIo(data) => data.clone(),
                 Payload::Control(c) => {
@@ -162,8 +262,15 @@ async fn pump_messages(
                     format!("\n[vivian] session end: {}\n", s.status).into_bytes()
                 }
             };
-            if file.write_all(&text).await.is_err() {
-                log = None;
+            if let Some(c) = &capture {
+                let mut c = c.lock().unwrap();
+                c.console_data |= matches!(msg.payload, Payload::JobIo(_));
+                c.push(&text);
+            }
+            if let Some(file) = log.as_mut() {
+                if file.write_all(&text).await.is_err() {
+                    log = None;
+                }
             }
         }
         if let Some(w) = client.as_mut() {
@@ -207,6 +314,8 @@ struct Session {
     console: Arc<dyn ConsoleSource>,
     options: EngineOptions,
     job: AcceptedJob,
+    /// Set for a job the farm runs itself (no client).
+    internal: Option<Internal>,
 }
 
 /// How a boot ended.
@@ -224,7 +333,30 @@ impl Session {
     async fn run(self) {
         let dut = self.job.dut;
         let job_id = self.job.submission.job_id.clone();
-        let unfit = self.run_inner().await;
+        let started = std::time::Instant::now();
+        let outcome = self.run_inner().await;
+        if let Some(internal) = &self.internal {
+            // The caller (Sergent Hartman) applies the result and releases
+            // the DUT.
+            let c = internal.capture.lock().unwrap();
+            let report = InternalJobReport {
+                status: match outcome {
+                    Some(Outcome::Verdict { status, .. }) => Some(status),
+                    Some(Outcome::SetupFail) | None => Some(JobStatus::SetupFail),
+                    Some(Outcome::Cancelled) => None,
+                },
+                console_data_received: c.console_data,
+                elapsed: started.elapsed(),
+                log: c.log(),
+            };
+            drop(c);
+            if let Some(tx) = internal.report.lock().unwrap().take() {
+                let _ = tx.send(report);
+            }
+            tracing::info!("job over");
+            return;
+        }
+        let unfit = matches!(outcome, Some(Outcome::Verdict { unfit: true, .. }));
         if unfit {
             let r = self
                 .farm
@@ -247,19 +379,24 @@ impl Session {
         tracing::info!("job over");
     }
 
-    /// Runs the job; returns whether the DUT was found unfit for service.
-    async fn run_inner(&self) -> bool {
+    /// Runs the job; returns how it ended (`None`: the client could not be
+    /// reached, nothing ran).
+    async fn run_inner(&self) -> Option<Outcome> {
         let sub = &self.job.submission;
         let dut = self.job.dut;
 
-        // 1. The client and the log file.
-        let client = connect_client(&sub.callback_host, sub.callback_port).await;
+        // 1. The client (none for internal jobs) and the log file.
+        let client = match &self.internal {
+            Some(_) => None,
+            None => Some(connect_client(&sub.callback_host, sub.callback_port).await),
+        };
         let (client_read, client_write) = match client {
-            Ok(s) => {
+            None => (None, None),
+            Some(Ok(s)) => {
                 let (r, w) = s.into_split();
                 (Some(r), Some(w))
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!("cannot connect back to the client: {e}");
                 (None, None)
             }
@@ -274,7 +411,8 @@ impl Session {
         )
         .await;
         let (tx, rx) = mpsc::unbounded_channel();
-        let pump = tokio::spawn(pump_messages(rx, client_write, log));
+        let capture = self.internal.as_ref().map(|i| i.capture.clone());
+        let pump = tokio::spawn(pump_messages(rx, client_write, log, capture));
         let report = Reporter { tx };
         report.info(format!(
             "Job {} on {} (log: {})",
@@ -282,33 +420,30 @@ impl Session {
             dut,
             log_path.display()
         ));
-        if client_read.is_none() {
+        if client_read.is_none() && self.internal.is_none() {
             // Nobody to stream to: the reference gives up on such jobs.
             report.error(Fault::Infrastructure, "cannot connect back to the client");
             drop(report);
             let _ = pump.await;
-            return false;
+            return None;
         }
 
         let outcome = self.session(&report, client_read).await;
-        let unfit = match outcome {
-            Outcome::Verdict { status, unfit } => {
+        match &outcome {
+            Outcome::Verdict { status, .. } => {
                 report.info(format!("Job finished with status {status}"));
-                report.session_end(status);
-                unfit
+                report.session_end(*status);
             }
             Outcome::SetupFail => {
                 report.session_end(JobStatus::SetupFail);
-                false
             }
             Outcome::Cancelled => {
                 report.ctrl("The job was cancelled", Severity::Warn);
-                false
             }
-        };
+        }
         drop(report);
         let _ = pump.await;
-        unfit
+        Some(outcome)
     }
 
     async fn session(
@@ -344,7 +479,18 @@ impl Session {
             comment: record.comment.clone(),
         };
         let mut vars = TemplateVars::for_dut(&machine, &self.options.minio_url, None);
-        vars.add_vars(&self.options.job_env);
+        // `EXECUTOR_JOB__*` variables, already stripped of their prefix
+        // (they do not replace the variables set above).
+        for (k, v) in &self.options.job_env {
+            if !k.is_empty() && vars.get(k).is_none() {
+                vars.set(k, v);
+            }
+        }
+        if let Some(internal) = &self.internal {
+            for (k, v) in &internal.vars {
+                vars.set(k, v);
+            }
+        }
         let job = match Job::from_template(&sub.job_text, &vars, &self.options.parse) {
             Ok(j) => j,
             Err(e) => {

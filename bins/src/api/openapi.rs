@@ -54,6 +54,13 @@ fn path_param(name: &str, desc: &str) -> Value {
 /// The OpenAPI 3.0 document describing every route of [`super::ROUTES`].
 pub fn document() -> Value {
     let id = path_param("id", "DUT id (usually its MAC address) or its full name");
+    // Added after the document's json!, which is at the macro recursion
+    // limit.
+    let training_loop = json!({
+        "get": {"summary": "The kept log (text) of training loop n (0-based index in training.loops); only loops that did not pass have one",
+            "parameters": [id.clone(), path_param("n", "Index of the loop in the DUT's training.loops")],
+            "responses": with(ok_text("The loop's log"), err_responses(&["404"]))}
+    });
     let pdu = path_param("name", "PDU name");
     let port = path_param("port_id", "Port id");
     let dut_ref = json!({"$ref": "#/components/schemas/Dut"});
@@ -66,7 +73,7 @@ pub fn document() -> Value {
                         {"name": "buildarch", "in": "query", "schema": {"type": "string"}}],
         "responses": with(ok_text("iPXE script"), err_responses(&["400"]))
     });
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "Vivian executor REST API",
@@ -174,7 +181,9 @@ pub fn document() -> Value {
                 "date": {"type": "string", "format": "date-time"}, "timeout": {"type": "number"}, "started_at": {"type": "number"},
                 "expires_in": {"type": "number"}}}
         }}
-    })
+    });
+    doc["paths"]["/api/v1/dut/{id}/training/loop/{n}"] = training_loop;
+    doc
 }
 
 #[cfg(test)]

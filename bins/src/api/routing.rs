@@ -31,6 +31,7 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/api/v1/dut/{id}/quick_check"),
     r("POST", "/api/v1/dut/{id}/quick_check"),
     r("POST", "/api/v1/dut/{id}/cancel_job"),
+    r("GET", "/api/v1/dut/{id}/training/loop/{n}"),
     r("GET", "/api/v1/duts/{id}/boot.ipxe"),
     r("GET", "/api/v1/pdus"),
     r("GET", "/api/v1/pdu/{name}"),
@@ -38,6 +39,7 @@ pub const ROUTES: &[Route] = &[
     r("PATCH", "/api/v1/pdu/{name}/port/{port_id}"),
     r("GET", "/api/v1/full-state"),
     r("POST", "/api/v1/jobs"),
+    r("GET", "/api/v1/artifacts"),
     r("GET", "/api/v1/openapi.json"),
     r("GET", "/boot/{id}/boot.ipxe"),
 ];
@@ -63,6 +65,8 @@ pub enum Endpoint {
     QuickCheck(String),
     /// `/api/v1/dut/{id}/cancel_job`
     CancelJob(String),
+    /// `/api/v1/dut/{id}/training/loop/{n}` (`n` a non-negative integer)
+    TrainingLoop(String, usize),
     /// `/api/v1/duts/{id}/boot.ipxe` and `/boot/{id}/boot.ipxe`
     BootIpxe(String),
     /// `/api/v1/pdus`
@@ -75,6 +79,8 @@ pub enum Endpoint {
     FullState,
     /// `/api/v1/jobs`
     Jobs,
+    /// `/api/v1/artifacts`
+    Artifacts,
     /// `/api/v1/openapi.json`
     OpenApi,
 }
@@ -88,6 +94,8 @@ impl Endpoint {
             | Endpoint::Pdus
             | Endpoint::Pdu(_)
             | Endpoint::FullState
+            | Endpoint::TrainingLoop(_, _)
+            | Endpoint::Artifacts
             | Endpoint::OpenApi => &["GET"],
             Endpoint::DutRegister => &["POST", "PUT"],
             Endpoint::Discover => &["GET", "POST", "DELETE"],
@@ -139,6 +147,9 @@ pub fn resolve(path: &str) -> Option<Endpoint> {
             ["dut" | "machine", id, "cancel_job"] if !id.is_empty() => {
                 Some(Endpoint::CancelJob(dec(id)?))
             }
+            ["dut" | "machine", id, "training", "loop", n] if !id.is_empty() => {
+                Some(Endpoint::TrainingLoop(dec(id)?, n.parse().ok()?))
+            }
             ["pdus"] => Some(Endpoint::Pdus),
             ["pdu", name] if !name.is_empty() => Some(Endpoint::Pdu(dec(name)?)),
             ["pdu", name, "port", port] if !name.is_empty() && !port.is_empty() => {
@@ -146,6 +157,7 @@ pub fn resolve(path: &str) -> Option<Endpoint> {
             }
             ["full-state"] => Some(Endpoint::FullState),
             ["jobs"] => Some(Endpoint::Jobs),
+            ["artifacts"] => Some(Endpoint::Artifacts),
             ["openapi.json"] => Some(Endpoint::OpenApi),
             _ => None,
         },
@@ -186,6 +198,12 @@ mod tests {
         );
         assert_eq!(resolve("/api/v1/nope"), None);
         assert_eq!(resolve("/api/v1/dut/x/y"), None);
+        assert_eq!(
+            resolve("/api/v1/dut/x/training/loop/3"),
+            Some(Endpoint::TrainingLoop("x".into(), 3))
+        );
+        assert_eq!(resolve("/api/v1/dut/x/training/loop/-1"), None);
+        assert_eq!(resolve("/api/v1/dut/x/training/loop/a"), None);
         assert_eq!(resolve("/api/v1/dut/%ff"), None);
         assert_eq!(resolve("/elsewhere"), None);
     }
@@ -197,7 +215,8 @@ mod tests {
                 .path
                 .replace("{id}", "some-id")
                 .replace("{name}", "PDU")
-                .replace("{port_id}", "3");
+                .replace("{port_id}", "3")
+                .replace("{n}", "0");
             let ep = resolve(&path).unwrap_or_else(|| panic!("{} does not resolve", route.path));
             assert!(
                 ep.methods().contains(&route.method),

@@ -144,6 +144,63 @@ pub struct AcceptedJob {
 pub trait JobRunner: Send + Sync {
     /// Starts `job` (see the trait documentation).
     async fn start_job(&self, farm: Arc<Farm>, job: AcceptedJob) -> Result<(), FarmError>;
+
+    /// Runs a job the farm itself started on a DUT (a training or
+    /// quick-check job of Sergent Hartman) to its end and reports how it
+    /// ended. There is no client: the console goes to the job's log only.
+    ///
+    /// Contract: the caller has marked the DUT busy with this job
+    /// ([`Farm::begin_job`]) and clears it afterwards
+    /// ([`Farm::job_finished`]); the engine may call [`Farm::job_running`]
+    /// and [`Farm::set_job_boot`], must watch `job.cancel`, must leave the
+    /// DUT's port OFF when it returns, and does not act on
+    /// `machine_unfit_for_service` (the caller decides). The default
+    /// implementation refuses with [`FarmError::Unavailable`].
+    async fn run_internal_job(
+        &self,
+        farm: Arc<Farm>,
+        job: InternalJob,
+    ) -> Result<InternalJobReport, FarmError> {
+        let _ = farm;
+        Err(FarmError::Unavailable(format!(
+            "This job engine cannot run internal jobs: {} was not started on {}",
+            job.job_id, job.dut
+        )))
+    }
+}
+
+/// A job the farm runs on its own behalf (training, quick check): no
+/// submitter, no callback.
+#[derive(Debug, Clone)]
+pub struct InternalJob {
+    /// The DUT it runs on.
+    pub dut: MacAddr,
+    /// The job's id (unique among the DUT's jobs).
+    pub job_id: String,
+    /// [`JobKind::Training`] or [`JobKind::QuickCheck`].
+    pub kind: JobKind,
+    /// The raw job description (a Jinja2 template, rendered for the DUT).
+    pub job_text: String,
+    /// Template variables added to the usual ones (they win over
+    /// `EXECUTOR_JOB__*` variables of the same name).
+    pub vars: BTreeMap<String, serde_json::Value>,
+    /// Cancelling it.
+    pub cancel: CancelToken,
+}
+
+/// How an [`InternalJob`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InternalJobReport {
+    /// The verdict (`SETUP_FAIL` when it could not be set up); `None` when
+    /// it was cancelled.
+    pub status: Option<crate::job::JobStatus>,
+    /// The DUT printed something on its console.
+    pub console_data_received: bool,
+    /// From the start of the job to its end.
+    pub elapsed: std::time::Duration,
+    /// The job's log (console output and control messages), possibly
+    /// shortened to its end.
+    pub log: String,
 }
 
 /// The default engine: refuses every job with 503 "job engine not

@@ -8,7 +8,9 @@
 //!   job (with its cancellation token), the training progress;
 //! * the single discovery slot ([`Discovery`]), with its active expiry that
 //!   switches the port back OFF;
-//! * the hand-over of accepted job submissions to a [`JobRunner`].
+//! * the hand-over of accepted job submissions to a [`JobRunner`];
+//! * Sergent Hartman ([`TrainingOptions`]): registration, training boot
+//!   loops and quick checks, run as internal jobs of the [`JobRunner`].
 //!
 //! It also keeps the [`PduManager`] in step with MarsDB (PDUs started and
 //! stopped, reserved ports, each DUT's `pdu_off_delay` as its port's minimum
@@ -31,6 +33,7 @@
 mod discovery;
 mod job;
 mod ops;
+mod training;
 mod view;
 
 #[cfg(test)]
@@ -47,10 +50,11 @@ use crate::pdu::{PduManager, PduSpec};
 
 pub use discovery::{Discovery, DiscoveryView, DEFAULT_DISCOVERY_TIMEOUT};
 pub use job::{
-    select_dut, AcceptedJob, BootSpec, CancelToken, Candidate, JobKind, JobPhase, JobRunner,
-    JobSubmission, JobTarget, NoJobEngine, RunningJob,
+    select_dut, AcceptedJob, BootSpec, CancelToken, Candidate, InternalJob, InternalJobReport,
+    JobKind, JobPhase, JobRunner, JobSubmission, JobTarget, NoJobEngine, RunningJob,
 };
 pub use ops::{DutPatch, DutRegistration, PortPatch};
+pub use training::{JobTemplate, TrainingOptions, VAR_TRAINING_KIND, VAR_TRAINING_LOOP};
 
 /// Typed accessors of JSON request fields whose errors name the field and
 /// the expected type (shared by the farm's mutations and the REST layer).
@@ -121,6 +125,12 @@ pub struct FarmOptions {
     /// Quick checks are enabled (`SERGENT_HARTMAN_QUICK_CHECK`): a DUT
     /// created ready for service, or un-retired, gets one queued.
     pub quick_check_enabled: bool,
+    /// Sergent Hartman: when set, the farm runs the registration, training
+    /// and quick-check jobs itself (through the [`JobRunner`]). When `None`
+    /// (the default), DUTs that are TRAINING or QUICK_CHECK wait for the
+    /// embedding program to drive them ([`Farm::begin_job`],
+    /// [`Farm::clear_quick_check`], ...).
+    pub training: Option<TrainingOptions>,
 }
 
 impl FarmOptions {
@@ -130,6 +140,7 @@ impl FarmOptions {
             farm_name: farm_name.into(),
             discovery_timeout: DEFAULT_DISCOVERY_TIMEOUT,
             quick_check_enabled: true,
+            training: None,
         }
     }
 }
@@ -144,6 +155,18 @@ pub struct DutRuntime {
     pub job: Option<RunningJob>,
     /// Training (Sergent Hartman) progress.
     pub training: TrainingInfo,
+    /// The MarsDB facts last seen for the DUT, to notice edits (API or
+    /// file) that must queue a quick check or stop a training job.
+    seen: Option<SeenFacts>,
+}
+
+/// The MarsDB facts of a DUT that trigger Sergent Hartman's side effects
+/// when they change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SeenFacts {
+    is_retired: bool,
+    ready_for_service: bool,
+    has_port: bool,
 }
 
 #[derive(Default)]
@@ -162,6 +185,9 @@ pub struct Farm {
     db: Arc<dyn MarsDb>,
     pdus: Arc<PduManager>,
     runner: RwLock<Arc<dyn JobRunner>>,
+    /// A job engine was installed ([`Farm::set_job_runner`]): Sergent
+    /// Hartman waits for one.
+    runner_set: std::sync::atomic::AtomicBool,
     runtime: Mutex<Runtime>,
     /// Serialises mutations (see the module documentation).
     write_lock: tokio::sync::Mutex<()>,
@@ -173,6 +199,10 @@ pub struct Farm {
     follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// One task per PDU, bumping the generation at each new snapshot.
     pdu_followers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The Sergent Hartman supervisor task.
+    sh_supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The Sergent Hartman task of each DUT that has one.
+    sh_tasks: Mutex<HashMap<MacAddr, tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Farm {
@@ -193,6 +223,7 @@ impl Farm {
             db,
             pdus,
             runner: RwLock::new(Arc::new(NoJobEngine)),
+            runner_set: std::sync::atomic::AtomicBool::new(false),
             runtime: Mutex::new(Runtime::default()),
             write_lock: tokio::sync::Mutex::new(()),
             generation,
@@ -200,6 +231,8 @@ impl Farm {
             synced: Mutex::new(None),
             follower: Mutex::new(None),
             pdu_followers: Mutex::new(Vec::new()),
+            sh_supervisor: Mutex::new(None),
+            sh_tasks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -234,10 +267,13 @@ impl Farm {
             }
         });
         *self.follower.lock().unwrap() = Some(follow);
+        self.start_sergent_hartman();
     }
 
-    /// Stops the background tasks and every PDU's task.
+    /// Stops the background tasks (cancelling training and quick-check
+    /// jobs) and every PDU's task.
     pub async fn shutdown(&self) {
+        self.stop_sergent_hartman();
         if let Some(t) = self.follower.lock().unwrap().take() {
             t.abort();
         }
@@ -270,6 +306,8 @@ impl Farm {
     /// Installs the job engine that accepted submissions are handed to.
     pub fn set_job_runner(&self, runner: Arc<dyn JobRunner>) {
         *self.runner.write().unwrap() = runner;
+        self.runner_set
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.bump();
     }
 
@@ -398,15 +436,55 @@ impl Farm {
 
     /// Creates the runtime records of new DUTs (queuing a quick check for a
     /// DUT that is ready and not retired, as D.4) and drops those of
-    /// removed DUTs, cancelling their jobs.
+    /// removed DUTs, cancelling their jobs. For known DUTs, applies the
+    /// side effects of MarsDB changes, whether they came from the API or
+    /// from an edit of the file:
+    /// * activated (`is_retired` true → false) or given a PDU port while
+    ///   ready: a quick check is queued;
+    /// * retired, or its PDU port removed: its training or quick-check job
+    ///   is cancelled;
+    /// * made ready while training: the training job is cancelled;
+    /// * made unfit while quick-checking: the quick check is cancelled.
     fn sync_runtime(&self, db: &Database) {
         let qc = self.options.quick_check_enabled;
         let mut rt = self.runtime.lock().unwrap();
         for (id, dut) in &db.duts {
-            rt.duts.entry(*id).or_insert_with(|| DutRuntime {
+            let now = SeenFacts {
+                is_retired: dut.is_retired,
+                ready_for_service: dut.ready_for_service,
+                has_port: dut.pdu_port().is_some(),
+            };
+            let r = rt.duts.entry(*id).or_insert_with(|| DutRuntime {
                 quick_check_queued: qc && dut.available(),
                 ..DutRuntime::default()
             });
+            let Some(before) = r.seen.replace(now) else {
+                continue;
+            };
+            if before == now {
+                continue;
+            }
+            let activated = before.is_retired && !now.is_retired;
+            let wired = !before.has_port && now.has_port;
+            if qc && (activated || wired) && dut.available() && !r.quick_check_queued {
+                tracing::info!(dut = %id, "{}: quick check queued", if activated { "activated" } else { "PDU port assigned" });
+                r.quick_check_queued = true;
+            }
+            if let Some(job) = &r.job {
+                let retired = !before.is_retired && now.is_retired;
+                let unwired = before.has_port && !now.has_port;
+                let readied = !before.ready_for_service && now.ready_for_service;
+                let unfit = before.ready_for_service && !now.ready_for_service;
+                let stop = match job.kind {
+                    JobKind::Training => retired || unwired || readied,
+                    JobKind::QuickCheck => retired || unwired || unfit,
+                    JobKind::User => false,
+                };
+                if stop {
+                    tracing::info!(dut = %id, job = %job.job_id, "MarsDB changed (retired: {}, ready: {}, PDU port: {}): cancelling the job", now.is_retired, now.ready_for_service, now.has_port);
+                    job.cancel.cancel();
+                }
+            }
         }
         rt.duts.retain(|id, r| {
             let keep = db.duts.contains_key(id);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::{DutState, Farm, FarmError, JobKind};
+use super::{DutState, Farm, FarmError};
 use crate::marsdb::{Dut, MacAddr, MarsDbExt, PortId};
 use crate::pdu::{PduError, PortState};
 
@@ -420,14 +420,14 @@ impl Farm {
 
     /// Applies a PATCH (EX A.4) to a DUT. Un-retiring queues a quick check;
     /// retiring it, or making it ready, while it trains or quick-checks
-    /// cancels that job. Returns the reference's answer text.
+    /// cancels that job (see [`Farm`]'s MarsDB sync). Returns the
+    /// reference's answer text.
     pub async fn patch_dut(&self, key: &str, patch: DutPatch) -> Result<String, FarmError> {
         let _w = self.write_lock.lock().await;
         let (id, full_name) = self.resolve_dut(key)?;
-        let before = self.db.snapshot().duts.get(&id).cloned();
-        let Some(before) = before else {
+        if !self.db.snapshot().duts.contains_key(&id) {
             return Err(FarmError::NotFound(format!("Unknown machine ID '{key}'")));
-        };
+        }
         let p = patch.clone();
         self.db
             .update(move |db| {
@@ -453,31 +453,9 @@ impl Farm {
                 Ok::<_, FarmError>(())
             })
             .await?;
-        // Side effects.
-        {
-            let mut rt = self.runtime.lock().unwrap();
-            let record = rt.duts.entry(id).or_default();
-            if before.is_retired
-                && patch.is_retired == Some(false)
-                && self.options.quick_check_enabled
-            {
-                record.quick_check_queued = true;
-                tracing::info!(dut = %id, "un-retired: quick check queued");
-            }
-            if let Some(job) = &record.job {
-                let retiring = !before.is_retired && patch.is_retired == Some(true);
-                let readied = !before.ready_for_service && patch.ready_for_service == Some(true);
-                let cancel = match job.kind {
-                    JobKind::Training => retiring || readied,
-                    JobKind::QuickCheck => retiring,
-                    JobKind::User => false,
-                };
-                if cancel {
-                    tracing::info!(dut = %id, job = %job.job_id, "cancelling the training job after the PATCH");
-                    job.cancel.cancel();
-                }
-            }
-        }
+        // Side effects (a quick check queued on activation, a training or
+        // quick-check job cancelled on retirement, ...) are applied by the
+        // sync with MarsDB, the same way for API changes and file edits.
         self.after_write();
         let mut changes = Map::new();
         if let Some(v) = &patch.comment {
@@ -691,7 +669,7 @@ impl Farm {
 
     /// After a MarsDB write: sync the runtime records now (so the next read
     /// sees them) and bump the generation.
-    fn after_write(&self) {
+    pub(super) fn after_write(&self) {
         let db = self.db.snapshot();
         self.sync_runtime(&db);
         self.bump();

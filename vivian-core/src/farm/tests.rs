@@ -24,6 +24,14 @@ fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
 /// A farm with PDU "P" (4 ports, zero minimum off time, all ON) and two
 /// DUTs: MAC1 on port 0 (ready), MAC2 on port 1 (retired).
 async fn farm() -> (Arc<Farm>, Arc<MemoryMarsDb>) {
+    farm_with(FarmOptions::new("farm"), None).await
+}
+
+/// [`farm`] with these options and job engine (installed before start).
+async fn farm_with(
+    options: FarmOptions,
+    runner: Option<Arc<dyn JobRunner>>,
+) -> (Arc<Farm>, Arc<MemoryMarsDb>) {
     let mut db = Database::new();
     let mut config = PduConfig::new();
     config.insert("ports".into(), json!(["a", "b", "c", "d"]));
@@ -63,7 +71,10 @@ async fn farm() -> (Arc<Farm>, Arc<MemoryMarsDb>) {
         ..PduOptions::default()
     };
     let pdus = Arc::new(PduManager::new(Arc::new(reg), opts));
-    let farm = Farm::new(mdb.clone(), pdus, FarmOptions::new("farm"));
+    let farm = Farm::new(mdb.clone(), pdus, options);
+    if let Some(r) = runner {
+        farm.set_job_runner(r);
+    }
     farm.start().await;
     // Wait for the PDU's ports to be listed.
     let h = farm.pdus().get("P").unwrap();
@@ -460,4 +471,431 @@ async fn generation_moves_on_every_change() {
     let g = farm.generation();
     farm.queue_quick_check(MAC2).await.unwrap();
     assert!(farm.generation() > g);
+}
+
+// ---- Sergent Hartman ----
+
+const MAC3: &str = "52:54:00:00:00:03";
+
+/// One internal job as the scripted engine saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Call {
+    dut: MacAddr,
+    kind: JobKind,
+    training_kind: String,
+    training_loop: u64,
+    /// The DUT's state and training object while the job ran.
+    state: DutState,
+    training: TrainingInfo,
+    at: std::time::Instant,
+}
+
+/// What the scripted engine answers: a status, or `None` to run until
+/// cancelled.
+type Script = dyn Fn(&Call, usize) -> Option<crate::job::JobStatus> + Send + Sync;
+
+/// An engine whose internal jobs end as `script` says (`usize`: how many
+/// jobs of the same `training_kind` ran before).
+struct ScriptedEngine {
+    script: Box<Script>,
+    calls: std::sync::Mutex<Vec<Call>>,
+}
+
+impl ScriptedEngine {
+    fn new(
+        script: impl Fn(&Call, usize) -> Option<crate::job::JobStatus> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(ScriptedEngine {
+            script: Box::new(script),
+            calls: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// The calls for one DUT.
+    fn calls_for(&self, dut: &str) -> Vec<Call> {
+        let dut = mac(dut);
+        self.calls().into_iter().filter(|c| c.dut == dut).collect()
+    }
+
+    fn count(&self, training_kind: &str) -> usize {
+        self.calls()
+            .iter()
+            .filter(|c| c.training_kind == training_kind)
+            .count()
+    }
+}
+
+#[async_trait]
+impl JobRunner for ScriptedEngine {
+    async fn start_job(&self, _farm: Arc<Farm>, _job: AcceptedJob) -> Result<(), FarmError> {
+        Err(FarmError::Unavailable("no user jobs here".into()))
+    }
+
+    async fn run_internal_job(
+        &self,
+        farm: Arc<Farm>,
+        job: InternalJob,
+    ) -> Result<InternalJobReport, FarmError> {
+        farm.job_running(&job.dut, &job.job_id);
+        let v = farm.view();
+        let call = Call {
+            dut: job.dut,
+            kind: job.kind,
+            training_kind: job.vars[VAR_TRAINING_KIND].as_str().unwrap().to_string(),
+            training_loop: job.vars[VAR_TRAINING_LOOP].as_u64().unwrap(),
+            state: v.duts[&job.dut].state,
+            training: v.duts[&job.dut].training.clone(),
+            at: std::time::Instant::now(),
+        };
+        let before = self.count(&call.training_kind);
+        let status = (self.script)(&call, before);
+        self.calls.lock().unwrap().push(call.clone());
+        match status {
+            Some(s) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok(InternalJobReport {
+                    status: Some(s),
+                    console_data_received: true,
+                    elapsed: Duration::from_millis(5),
+                    log: format!(
+                        "log of {} {}: {s}\n",
+                        call.training_kind, call.training_loop
+                    ),
+                })
+            }
+            None => {
+                job.cancel.cancelled().await;
+                Ok(InternalJobReport {
+                    status: None,
+                    console_data_received: false,
+                    elapsed: Duration::ZERO,
+                    log: String::new(),
+                })
+            }
+        }
+    }
+}
+
+fn training(boot_count: i64, qualifying: u32) -> FarmOptions {
+    let mut o = FarmOptions::new("farm");
+    let mut t = TrainingOptions::new(
+        JobTemplate::Text(Arc::from("registration")),
+        JobTemplate::Text(Arc::from("bootloop")),
+    );
+    t.boot_count = boot_count;
+    t.qualifying_boot_count = qualifying;
+    t.registration_retrial_delay = Duration::from_millis(300);
+    o.training = Some(t);
+    o
+}
+
+/// Adds MAC3, not ready, on port 2 (through MarsDB, as a file edit would).
+async fn add_untrained(db: &MemoryMarsDb) {
+    db.update(|db| {
+        let mut d = Dut::new(mac(MAC3), "new", "10.0.0.3".parse().unwrap(), vec![]);
+        d.pdu = Some("P".into());
+        d.pdu_port_id = Some("2".into());
+        d.pdu_off_delay = 0.0;
+        db.duts.insert(mac(MAC3), d);
+        Ok::<_, FarmError>(())
+    })
+    .await
+    .unwrap();
+}
+
+async fn wait_long(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: not reached in 5 s");
+}
+
+use crate::job::JobStatus::{Fail as FAIL, Pass as PASS};
+use crate::marsdb::MarsDbExt;
+
+#[tokio::test]
+async fn training_registers_runs_the_loops_and_qualifies() {
+    // Loop 2 fails: 2 PASS out of 3, 2 needed.
+    let engine = ScriptedEngine::new(|c, _| match c.training_kind.as_str() {
+        "bootloop" if c.training_loop == 2 => Some(FAIL),
+        _ => Some(PASS),
+    });
+    let (farm, db) = farm_with(training(3, 2), Some(engine.clone())).await;
+    add_untrained(&db).await;
+    wait_long("MAC3 ready", || {
+        db.snapshot().duts[&mac(MAC3)].ready_for_service
+            && farm.dut_state(&mac(MAC3)) == Some(DutState::Idle)
+    })
+    .await;
+    let calls: Vec<_> = engine
+        .calls_for(MAC3)
+        .into_iter()
+        .map(|c| (c.training_kind, c.training_loop))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("registration".to_string(), 0),
+            ("bootloop".into(), 1),
+            ("bootloop".into(), 2),
+            ("bootloop".into(), 3)
+        ]
+    );
+    for c in engine.calls_for(MAC3) {
+        assert_eq!(c.kind, JobKind::Training);
+        assert_eq!(c.state, DutState::Training, "{c:?}");
+        assert_eq!(c.training.state, TrainingState::Enrolling);
+        let p = c.training.progress.unwrap();
+        assert_eq!(p.is_registered, c.training_kind == "bootloop");
+        assert_eq!(u64::from(p.current_loop_count), c.training_loop);
+        assert_eq!((p.boot_loop_counts, p.qualifying_rate), (3, 2));
+        assert_eq!(p.loops.len() as u64, c.training_loop.saturating_sub(1));
+    }
+    // The third loop saw the first two recorded, the failed one with a log.
+    let third = engine.calls_for(MAC3)[3].training.progress.clone().unwrap();
+    assert_eq!(third.loops[0].status, "PASS");
+    assert!(!third.loops[0].has_log);
+    assert_eq!(third.loops[1].status, "FAIL");
+    assert!(third.loops[1].has_log);
+    assert_eq!(
+        third.loops[1].log.as_deref(),
+        Some("log of bootloop 2: FAIL\n")
+    );
+    // Done: the training object is back to IDLE, nothing else ran.
+    wait_long("training IDLE", || {
+        farm.view().duts[&mac(MAC3)].training == TrainingInfo::default()
+    })
+    .await;
+    assert!(matches!(
+        farm.training_loop_log(MAC3, 1),
+        Err(FarmError::NotFound(_))
+    ));
+    assert_eq!(engine.calls_for(MAC3).len(), 4);
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dut_failing_half_its_loops_keeps_training_from_registration() {
+    let engine = ScriptedEngine::new(|c, _| match c.training_kind.as_str() {
+        "bootloop" if c.training_loop % 2 == 0 => Some(FAIL),
+        _ => Some(PASS),
+    });
+    let (farm, db) = farm_with(training(2, 2), Some(engine.clone())).await;
+    add_untrained(&db).await;
+    wait_long("three registrations", || engine.count("registration") >= 3).await;
+    assert!(!db.snapshot().duts[&mac(MAC3)].ready_for_service);
+    assert_eq!(farm.dut_state(&mac(MAC3)), Some(DutState::Training));
+    // Each round: registration, loop 1, loop 2; then again from scratch.
+    let kinds: Vec<_> = engine
+        .calls_for(MAC3)
+        .into_iter()
+        .take(6)
+        .map(|c| {
+            (
+                c.training_kind,
+                c.training_loop,
+                c.training.progress.unwrap().loops.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("registration".to_string(), 0, 0),
+            ("bootloop".into(), 1, 0),
+            ("bootloop".into(), 2, 1),
+            ("registration".into(), 0, 0),
+            ("bootloop".into(), 1, 0),
+            ("bootloop".into(), 2, 1),
+        ]
+    );
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_registration_is_retried_after_the_delay() {
+    let engine = ScriptedEngine::new(|c, n| match c.training_kind.as_str() {
+        "registration" if n == 0 => Some(FAIL),
+        _ => Some(PASS),
+    });
+    // No boot loop: ready as soon as the registration passes.
+    let (farm, db) = farm_with(training(0, 100), Some(engine.clone())).await;
+    add_untrained(&db).await;
+    wait_long("registration failed", || {
+        farm.view().duts[&mac(MAC3)].training.state == TrainingState::RegistrationFailed
+    })
+    .await;
+    assert_eq!(farm.dut_state(&mac(MAC3)), Some(DutState::Training));
+    let json = serde_json::to_value(&farm.view().duts[&mac(MAC3)].training).unwrap();
+    assert_eq!(json["state"], "REGISTRATION_FAILED", "{json}");
+    assert_eq!(json["is_registered"], false, "{json}");
+    wait_long("MAC3 ready", || {
+        db.snapshot().duts[&mac(MAC3)].ready_for_service
+    })
+    .await;
+    let calls = engine.calls_for(MAC3);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let gap = calls[1].at - calls[0].at;
+    assert!(gap >= Duration::from_millis(300), "retried after {gap:?}");
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn quick_checks_pass_to_idle_and_fail_to_training() {
+    let engine = ScriptedEngine::new(|c, n| match c.training_kind.as_str() {
+        // The start-up quick check passes, the next one fails.
+        "quick_check" => Some(if n == 0 { PASS } else { FAIL }),
+        // Retraining then hangs in its registration.
+        _ => None,
+    });
+    let (farm, db) = farm_with(training(2, 2), Some(engine.clone())).await;
+    // MAC1 is ready: a quick check is queued at start and runs.
+    wait_long("start-up quick check", || {
+        engine.count("quick_check") == 1 && farm.dut_state(&mac(MAC1)) == Some(DutState::Idle)
+    })
+    .await;
+    let c = &engine.calls()[0];
+    assert_eq!(
+        (c.kind, c.state),
+        (JobKind::QuickCheck, DutState::QuickCheck)
+    );
+    assert_eq!(c.training.state, TrainingState::QuickCheck);
+    assert!(!farm.quick_check_queued(MAC1).unwrap());
+    assert!(db.snapshot().duts[&mac(MAC1)].ready_for_service);
+
+    // Asked through the API: it fails, the DUT goes back to training.
+    farm.queue_quick_check(MAC1).await.unwrap();
+    wait_long("back to training", || engine.count("registration") == 1).await;
+    assert!(!db.snapshot().duts[&mac(MAC1)].ready_for_service);
+    assert!(!farm.quick_check_queued(MAC1).unwrap());
+    assert_eq!(farm.dut_state(&mac(MAC1)), Some(DutState::Training));
+    // The retired DUT was never touched.
+    assert!(engine.calls().iter().all(|c| c.training_kind != "bootloop"));
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn retiring_stops_training_and_activating_quick_checks() {
+    // Registrations hang until cancelled; quick checks pass.
+    let engine = ScriptedEngine::new(|c, _| match c.training_kind.as_str() {
+        "quick_check" => Some(PASS),
+        _ => None,
+    });
+    let (farm, db) = farm_with(training(2, 2), Some(engine.clone())).await;
+    add_untrained(&db).await;
+    wait_long("registration running", || {
+        farm.view().duts[&mac(MAC3)].current_job.is_some()
+    })
+    .await;
+    // Retire through the API: the job is cancelled, the DUT is RETIRED.
+    farm.patch_dut(
+        MAC3,
+        DutPatch {
+            is_retired: Some(true),
+            ..DutPatch::default()
+        },
+    )
+    .await
+    .unwrap();
+    wait_long("retired", || {
+        let v = farm.view();
+        let d = &v.duts[&mac(MAC3)];
+        d.state == DutState::Retired
+            && d.current_job.is_none()
+            && d.training == TrainingInfo::default()
+    })
+    .await;
+    // Made ready by hand in MarsDB, then activated by a file edit: a quick
+    // check runs, then IDLE.
+    db.update(|db| {
+        let d = db.duts.get_mut(&mac(MAC3)).unwrap();
+        d.ready_for_service = true;
+        d.is_retired = false;
+        Ok::<_, FarmError>(())
+    })
+    .await
+    .unwrap();
+    wait_long("quick check then IDLE", || {
+        engine.count("quick_check") == 1 && farm.dut_state(&mac(MAC3)) == Some(DutState::Idle)
+    })
+    .await;
+    // A retirement by file edit while training stops it too.
+    db.update(|db| {
+        db.duts.get_mut(&mac(MAC3)).unwrap().ready_for_service = false;
+        Ok::<_, FarmError>(())
+    })
+    .await
+    .unwrap();
+    wait_long("training again", || engine.count("registration") == 2).await;
+    db.update(|db| {
+        db.duts.get_mut(&mac(MAC3)).unwrap().is_retired = true;
+        Ok::<_, FarmError>(())
+    })
+    .await
+    .unwrap();
+    wait_long("retired by file", || {
+        farm.dut_state(&mac(MAC3)) == Some(DutState::Retired)
+            && farm.view().duts[&mac(MAC3)].current_job.is_none()
+    })
+    .await;
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_admin_cancel_restarts_training_and_fails_a_quick_check() {
+    let engine = ScriptedEngine::new(|c, n| match c.training_kind.as_str() {
+        // The first registration hangs (cancelled below), then all pass.
+        "registration" if n == 0 => None,
+        // The start-up quick check hangs too.
+        "quick_check" if n == 0 => None,
+        _ => Some(PASS),
+    });
+    let (farm, db) = farm_with(training(1, 1), Some(engine.clone())).await;
+    add_untrained(&db).await;
+    wait_long("both jobs running", || {
+        let v = farm.view();
+        v.duts[&mac(MAC1)].current_job.is_some() && v.duts[&mac(MAC3)].current_job.is_some()
+    })
+    .await;
+    farm.cancel_job(MAC3).await.unwrap();
+    farm.cancel_job(MAC1).await.unwrap();
+    // MAC3 registers again at once and qualifies; MAC1's cancelled quick
+    // check did not pass: it retrains and qualifies too.
+    wait_long("both ready", || {
+        let s = db.snapshot();
+        engine.count("registration") == 3
+            && s.duts[&mac(MAC3)].ready_for_service
+            && s.duts[&mac(MAC1)].ready_for_service
+            && farm.dut_state(&mac(MAC1)) == Some(DutState::Idle)
+            && farm.dut_state(&mac(MAC3)) == Some(DutState::Idle)
+    })
+    .await;
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_negative_boot_count_disables_training_and_quick_checks() {
+    let engine = ScriptedEngine::new(|_, _| Some(FAIL));
+    let (farm, db) = farm_with(training(-1, 100), Some(engine.clone())).await;
+    add_untrained(&db).await;
+    wait_long("MAC3 ready, MAC1 IDLE", || {
+        db.snapshot().duts[&mac(MAC3)].ready_for_service
+            && farm.dut_state(&mac(MAC3)) == Some(DutState::Idle)
+            && farm.dut_state(&mac(MAC1)) == Some(DutState::Idle)
+    })
+    .await;
+    farm.queue_quick_check(MAC1).await.unwrap();
+    wait_long("quick check cleared", || {
+        farm.dut_state(&mac(MAC1)) == Some(DutState::Idle)
+    })
+    .await;
+    assert!(engine.calls().is_empty(), "{:?}", engine.calls());
+    farm.shutdown().await;
 }

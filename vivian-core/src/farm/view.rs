@@ -54,6 +54,9 @@ pub enum TrainingState {
     Enrolling,
     /// Running a quick check.
     QuickCheck,
+    /// Enrolling, but the last registration failed: waiting for
+    /// `SERGENT_HARTMAN_REGISTRATION_RETRIAL_DELAY` before the next try.
+    RegistrationFailed,
 }
 
 /// One qualification boot loop.
@@ -63,8 +66,14 @@ pub struct TrainingLoop {
     pub status: String,
     /// How long it took.
     pub seconds_elapsed: f64,
-    /// Whether a log of the loop was kept (loops that did not pass).
+    /// Whether the DUT printed anything on its console during the loop.
+    pub console_data_received_check: bool,
+    /// Whether a log of the loop was kept (loops that did not pass); it is
+    /// served at `GET /api/v1/dut/<id>/training/loop/<n>`.
     pub has_log: bool,
+    /// The kept log (console output and control messages), if any.
+    #[serde(skip)]
+    pub log: Option<Arc<str>>,
 }
 
 /// Training progress, shaped like EX A.1 `training` (V2025): only
