@@ -215,6 +215,17 @@ impl Drop for Farm {
                 );
             }
         }
+        if std::thread::panicking() {
+            // Keep the logs and consoles for a post-mortem (small files).
+            let keep =
+                std::env::temp_dir().join(format!("qemu-farm-failed-{}", std::process::id()));
+            let _ = Command::new("cp")
+                .arg("-a")
+                .arg(self.dir.path())
+                .arg(&keep)
+                .status();
+            eprintln!("logs and consoles kept in {}", keep.display());
+        }
         // The executor first (it drives the PDU), then the VMs' vpdu.
         while let Some(p) = self.procs.pop() {
             drop(p);
@@ -274,7 +285,11 @@ impl Farm {
             .stdin(Stdio::null())
             .output()
             .expect("executorctl runs");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stdout = format!(
+            "{}\n----- executorctl stderr -----\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::write(self.path(&format!("{name}.out")), &stdout).unwrap();
         (out.status.code(), stdout)
     }
@@ -297,7 +312,7 @@ fn start_farm(image: &Path, mars_db: &str, extra_env: &[(&str, &str)]) -> Farm {
     };
     let d = farm.dir.path().to_path_buf();
 
-    // The boot artifacts, over HTTP (what MinIO serves in a real farm).
+    // The boot artifacts, over HTTP (see artifacts_url).
     let boot = d.join("www/boot/vivian-dut");
     std::fs::create_dir_all(&boot).unwrap();
     for f in ["vmlinuz", "initramfs.cpio.gz"] {
@@ -359,7 +374,8 @@ fn start_farm(image: &Path, mars_db: &str, extra_env: &[(&str, &str)]) -> Farm {
     executor
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info")
+        // vivian::http at debug: the firmware's boot.ipxe requests are logged.
+        .env("RUST_LOG", "info,vivian::http=debug")
         .env("FARM_NAME", "qemu-farm")
         .env("MARS_DB_FILE", &db)
         .env("EXECUTOR_HOST", "0.0.0.0")
@@ -368,7 +384,6 @@ fn start_farm(image: &Path, mars_db: &str, extra_env: &[(&str, &str)]) -> Farm {
         .env("PRIVATE_INTERFACE", BRIDGE)
         .env("BOOTS_TFTP_ROOT", image.join("tftp"))
         .env("SALAD_URL", format!("http://127.0.0.1:{salad_port}"))
-        .env("MINIO_URL", format!("http://{SERVER_IP}:{FILES_PORT}"))
         .env("GITLAB_CONF_FILE", d.join("gitlab-runner.toml"));
     for (k, v) in extra_env {
         executor.env(k, v);
@@ -393,9 +408,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Where the file server has the image (what MinIO serves in a real farm).
+fn artifacts_url() -> String {
+    format!("http://{SERVER_IP}:{FILES_PORT}/boot/vivian-dut")
+}
+
 /// A user job on `mac`: boots the image and runs `command` (a kernel
 /// command line item); PASS when the console shows `JOB_RESULT=pass`.
 fn user_job(mac: &str, command: &str) -> String {
+    let files = artifacts_url();
     format!(
         r#"version: 1
 target: {{id: "{mac}"}}
@@ -408,13 +429,13 @@ console_patterns:
 deployment:
   start:
     kernel:
-      url: "{{{{ minio_url }}}}/boot/vivian-dut/vmlinuz"
+      url: "{files}/vmlinuz"
       cmdline:
         - "console={{{{ local_tty_device }}}},115200 quiet"
         - "SALAD.machine_id={{{{ machine_id }}}}"
         - {command}
     initramfs:
-      url: "{{{{ minio_url }}}}/boot/vivian-dut/initramfs.cpio.gz"
+      url: "{files}/initramfs.cpio.gz"
 "#
     )
 }
