@@ -91,6 +91,8 @@ pub struct DemoOptions {
     /// Called on every outlet switch of the virtual PDU, before the DUT
     /// reacts (benchmarks time the power-on command with it).
     pub power_hook: Option<PowerHook>,
+    /// Object storage for job buckets (none: jobs run without a bucket).
+    pub job_buckets: Option<Arc<crate::job_bucket::JobBuckets>>,
 }
 
 impl Default for DemoOptions {
@@ -104,6 +106,7 @@ impl Default for DemoOptions {
             dhcp: false,
             job_env: Default::default(),
             power_hook: None,
+            job_buckets: None,
         }
     }
 }
@@ -319,15 +322,22 @@ impl DemoFarm {
         let farm = Farm::new(db, pdus, farm_opts);
         farm.start().await;
         let console: Arc<dyn ConsoleSource> = Arc::new(InProcessConsoles::new(salad.clone()));
-        farm.set_job_runner(Arc::new(JobEngine::new(
-            console,
-            EngineOptions {
-                minio_url: "http://127.0.0.1:9000".into(),
-                job_env: opts.job_env.clone(),
-                parse: Default::default(),
-                log_dir: dir.join("jobs"),
-            },
-        )));
+        let minio_url = match &opts.job_buckets {
+            Some(b) => b.storage().url().as_str().trim_end_matches('/').to_string(),
+            None => "http://127.0.0.1:9000".into(),
+        };
+        farm.set_job_runner(Arc::new(
+            JobEngine::new(
+                console,
+                EngineOptions {
+                    minio_url,
+                    job_env: opts.job_env.clone(),
+                    parse: Default::default(),
+                    log_dir: dir.join("jobs"),
+                },
+            )
+            .with_job_buckets(opts.job_buckets.clone()),
+        ));
 
         // The REST API, plus the artifacts.
         let mut env = std::collections::BTreeMap::new();

@@ -96,25 +96,31 @@ pub struct EngineOptions {
 pub struct JobEngine {
     console: Arc<dyn ConsoleSource>,
     options: EngineOptions,
+    job_buckets: Option<Arc<crate::job_bucket::JobBuckets>>,
 }
 
 impl JobEngine {
     /// An engine reading DUT consoles from `console`.
     pub fn new(console: Arc<dyn ConsoleSource>, options: EngineOptions) -> Self {
-        JobEngine { console, options }
+        JobEngine {
+            console,
+            options,
+            job_buckets: None,
+        }
+    }
+
+    /// Gives every user job a bucket on `buckets` (EX C.4); `None`: jobs
+    /// run without one and MinIO groups are refused.
+    pub fn with_job_buckets(mut self, buckets: Option<Arc<crate::job_bucket::JobBuckets>>) -> Self {
+        self.job_buckets = buckets;
+        self
     }
 }
 
 #[async_trait]
 impl JobRunner for JobEngine {
     async fn start_job(&self, farm: Arc<Farm>, job: AcceptedJob) -> Result<(), FarmError> {
-        if job.submission.minio.as_ref().is_some_and(has_minio_groups) {
-            return Err(FarmError::Invalid(
-                "This executor does not support MinIO groups yet (executorctl -g): \
-                 the job was not started"
-                    .into(),
-            ));
-        }
+        crate::job_bucket::check_submission(self.job_buckets.as_ref(), &job.submission).await?;
         let span = tracing::info_span!("job", dut = %job.dut, job = %job.submission.job_id);
         let session = Session {
             farm,
@@ -122,6 +128,7 @@ impl JobRunner for JobEngine {
             options: self.options.clone(),
             job,
             internal: None,
+            bucket: crate::job_bucket::SessionBucket::new(self.job_buckets.clone()),
         };
         tokio::spawn(session.run().instrument(span));
         Ok(())
@@ -153,6 +160,7 @@ impl JobRunner for JobEngine {
                 capture: Arc::new(Mutex::new(Capture::default())),
                 report: Mutex::new(Some(tx)),
             }),
+            bucket: crate::job_bucket::SessionBucket::new(None),
         };
         // A task of its own: the session ends (port OFF) even if the
         // caller stops waiting.
@@ -193,13 +201,6 @@ impl Capture {
         let start = self.text.len().saturating_sub(INTERNAL_LOG_MAX);
         String::from_utf8_lossy(&self.text[start..]).into_owned()
     }
-}
-
-fn has_minio_groups(minio: &serde_json::Value) -> bool {
-    minio
-        .get("groups")
-        .and_then(|g| g.as_array())
-        .is_some_and(|g| !g.is_empty())
 }
 
 /// Where a control message's problem comes from.
@@ -316,6 +317,8 @@ struct Session {
     job: AcceptedJob,
     /// Set for a job the farm runs itself (no client).
     internal: Option<Internal>,
+    /// The job's bucket (EX C.4).
+    bucket: crate::job_bucket::SessionBucket,
 }
 
 /// How a boot ended.
@@ -432,7 +435,9 @@ impl Session {
         match &outcome {
             Outcome::Verdict { status, .. } => {
                 report.info(format!("Job finished with status {status}"));
-                report.session_end(*status);
+                let _ = report
+                    .tx
+                    .send(self.bucket.session_end_message(*status, None).await);
             }
             Outcome::SetupFail => {
                 report.session_end(JobStatus::SetupFail);
@@ -443,6 +448,7 @@ impl Session {
         }
         drop(report);
         let _ = pump.await;
+        self.bucket.teardown(&self.job.cancel).await;
         Some(outcome)
     }
 
@@ -478,7 +484,19 @@ impl Session {
             ready_for_service: record.ready_for_service,
             comment: record.comment.clone(),
         };
-        let mut vars = TemplateVars::for_dut(&machine, &self.options.minio_url, None);
+        let bucket_vars = match self
+            .bucket
+            .setup(sub, &dut.to_string(), record.ip_address.into())
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                report.error(Fault::Infrastructure, e);
+                return Outcome::SetupFail;
+            }
+        };
+        let mut vars =
+            TemplateVars::for_dut(&machine, &self.options.minio_url, bucket_vars.as_ref());
         // `EXECUTOR_JOB__*` variables, already stripped of their prefix
         // (they do not replace the variables set above).
         for (k, v) in &self.options.job_env {
@@ -505,7 +523,7 @@ impl Session {
             );
             return Outcome::SetupFail;
         }
-        if sub.tarball.is_some() {
+        if sub.tarball.is_some() && !self.bucket.enabled() {
             report.ctrl(
                 "This executor has no job bucket support yet: the share directory was not \
                  uploaded to the DUT and nothing will be mirrored back",
@@ -697,7 +715,7 @@ impl Session {
             }
         };
         if let Some(h) = client_reader {
-            h.abort();
+            self.bucket.keep_client_reader(h);
         }
         outcome
     }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod client;
 pub mod demo;
 pub mod engine;
+pub mod job_bucket;
 pub mod qemu;
 pub mod serve;
 pub mod simdut;

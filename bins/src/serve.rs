@@ -218,6 +218,19 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     )
     .map_err(|e| anyhow::anyhow!("GitLab runners: {e}"))?;
     let gitlab_task = gitlab.spawn();
+    // Job buckets: with MINIO_URL set, the root credentials are checked
+    // now (a clear error if refused) and a previous run's leftovers removed.
+    let job_buckets = crate::job_bucket::from_env(
+        &config,
+        std::env::var_os("MINIO_URL").is_some(),
+        std::env::var("VIVIAN_STORAGE_ADMIN_API").ok().as_deref(),
+        config
+            .mars_db_file
+            .parent()
+            .map(|d| d.join("job_buckets.json"))
+            .unwrap_or_else(|| std::path::PathBuf::from("job_buckets.json")),
+    )
+    .await?;
     let farm = Farm::new(db, pdus, farm_opts);
     farm.start().await;
 
@@ -231,7 +244,7 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         .parent()
         .map(|d| d.join("job_logs"))
         .unwrap_or_else(|| std::path::PathBuf::from("job_logs"));
-    farm.set_job_runner(Arc::new(crate::engine::JobEngine::new(
+    let engine = crate::engine::JobEngine::new(
         console,
         crate::engine::EngineOptions {
             minio_url: config.minio_url.as_str().to_string(),
@@ -244,7 +257,8 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
             },
             log_dir,
         },
-    )));
+    );
+    farm.set_job_runner(Arc::new(engine.with_job_buckets(job_buckets)));
 
     let netboot = Arc::new(vivian_core::netboot::DefaultNetboot::new(
         config.boots_defaults.clone(),

@@ -303,6 +303,33 @@ async fn no_callback_is_unknown() {
     assert!(text(&out.stderr).contains("The server failed to initiate a connection"));
 }
 
+/// A TCP server answering every HTTP request with S3's 403 AccessDenied.
+async fn refusing_s3() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let body =
+                    "<Error><Code>AccessDenied</Code><Message>Access Denied.</Message></Error>";
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn share_directory_and_minio_travel_in_the_submission() {
     let dir = tempfile::tempdir().unwrap();
@@ -311,8 +338,10 @@ async fn share_directory_and_minio_travel_in_the_submission() {
     std::fs::create_dir_all(share.join("sub")).unwrap();
     std::fs::write(share.join("in.txt"), b"input data").unwrap();
     std::fs::write(share.join("sub/deep.txt"), b"deep").unwrap();
+    // An S3 server that refuses everything: the mirror fails at once.
+    let s3 = refusing_s3().await;
     let bucket = JobBucket {
-        minio_access_url: "http://u:p@127.0.0.1:9000".into(),
+        minio_access_url: format!("http://u:p@{s3}"),
         bucket_name: "job-52-54-abc".into(),
     };
     let fake = FakeExecutor::start(
@@ -340,13 +369,17 @@ async fn share_directory_and_minio_travel_in_the_submission() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.contains("will NOT mirror the job bucket back"),
+        stdout.contains("the job bucket is mirrored back into it"),
         "{stdout}"
     );
+    let stderr = text(&out.stderr);
     assert!(
-        stdout.contains("the job bucket 'job-52-54-abc' was not mirrored back"),
-        "{stdout}"
+        stderr.contains("the job bucket 'job-52-54-abc' could not be mirrored back")
+            && stderr.contains("AccessDenied"),
+        "{stderr}"
     );
+    // A failed mirror leaves the directory as it was.
+    assert_eq!(std::fs::read(share.join("in.txt")).unwrap(), b"input data");
 
     let sub = &fake.submissions()[0];
     let meta = sub.metadata();

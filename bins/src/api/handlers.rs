@@ -52,6 +52,7 @@ impl From<FarmError> for ApiError {
         let status = match &e {
             FarmError::Invalid(_) => StatusCode::BAD_REQUEST,
             FarmError::NotFound(_) => StatusCode::NOT_FOUND,
+            FarmError::Forbidden(_) => StatusCode::FORBIDDEN,
             FarmError::NoMatch(_) => StatusCode::NOT_ACCEPTABLE,
             FarmError::Conflict(_) => StatusCode::CONFLICT,
             FarmError::Pdu(_) => StatusCode::BAD_GATEWAY,

@@ -8,10 +8,9 @@
 //!
 //! The share directory (`-s`) travels as the submission's tarball part and
 //! MinIO credentials and groups (`-a`, `-g`) as `minio.credentials` and
-//! `minio.groups`, exactly as the reference client sends them. Mirroring the
-//! job bucket back into the share directory needs the object storage side,
-//! which this client does not implement yet: it says so instead of silently
-//! doing nothing.
+//! `minio.groups`, exactly as the reference client sends them. After
+//! `session_end`, the job bucket is mirrored back into the share directory
+//! ([`share::mirror_back`]), without any external `mcli`.
 
 pub mod duts;
 pub mod escape;
@@ -110,20 +109,13 @@ pub async fn run_job(opts: &RunOptions) -> JobStatus {
             return JobStatus::Unknown;
         }
     };
-    let outcome = session::run(stream, opts.interactive).await;
-    if let Some(dir) = &opts.share_directory {
-        match &outcome.job_bucket {
-            Some(b) => println!(
-                "NOTE: the job bucket '{}' was not mirrored back into the share directory '{}': this executorctl does not download job buckets yet; the directory is unchanged.",
-                b.bucket_name,
-                dir.display()
-            ),
-            None => println!(
-                "NOTE: the executor offered no job bucket, so nothing was mirrored back into the share directory '{}'; it is unchanged.",
-                dir.display()
-            ),
+    let share_dir = opts.share_directory.clone();
+    let outcome = session::run_then(stream, opts.interactive, |o| async move {
+        if let Some(dir) = share_dir {
+            share::mirror_back_reporting(&dir, o.job_bucket.as_ref()).await;
         }
-    }
+    })
+    .await;
     outcome.print_pattern_summary();
     outcome.status
 }

@@ -68,6 +68,17 @@ enum Event {
 /// terminal on stdin, the terminal is put in cbreak mode and keystrokes are
 /// forwarded.
 pub async fn run(stream: TcpStream, interactive: bool) -> SessionOutcome {
+    run_then(stream, interactive, |_| async {}).await
+}
+
+/// [`run`], then `at_end` with the outcome before the connection is
+/// closed: the executor keeps the job bucket until the client closes, so
+/// the share directory is mirrored back from here (EX C.4).
+pub async fn run_then<F, Fut>(stream: TcpStream, interactive: bool, at_end: F) -> SessionOutcome
+where
+    F: FnOnce(SessionOutcome) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let (mut reader, mut writer) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Event>(64);
 
@@ -178,6 +189,7 @@ pub async fn run(stream: TcpStream, interactive: bool) -> SessionOutcome {
         }
     }
     reader_task.abort();
+    at_end(outcome.clone()).await;
     let _ = writer.shutdown().await;
     outcome
 }

@@ -70,7 +70,7 @@ pub fn prepare(opts: &RunOptions) -> anyhow::Result<Prepared> {
                 share::pack(dir).with_context(|| format!("cannot pack '{}'", dir.display()))?;
             println!("--> Wrote {} bytes into the tar archive", data.len());
             println!(
-                "NOTE: the share directory is sent as the job bucket's initial state; this executorctl will NOT mirror the job bucket back into it at the end of the job."
+                "NOTE: the share directory is sent as the job bucket's initial state; the job bucket is mirrored back into it at the end of the job."
             );
             Some(Bytes::from(data))
         }

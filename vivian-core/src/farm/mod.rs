@@ -76,6 +76,10 @@ pub enum FarmError {
     /// An unknown DUT, PDU or port (404).
     #[error("{0}")]
     NotFound(String),
+    /// The request is understood but refused for its credentials (403),
+    /// e.g. MinIO groups the submitter is not a member of.
+    #[error("{0}")]
+    Forbidden(String),
     /// No DUT matches the job's tags (406).
     #[error("{0}")]
     NoMatch(String),

@@ -10,10 +10,13 @@ use async_trait::async_trait;
 
 use super::*;
 
+/// An object's content and metadata.
+type Stored = (Vec<u8>, Vec<(String, String)>);
+
 /// Buckets and objects in memory.
 #[derive(Debug, Default)]
 pub struct MemoryObjectStore {
-    buckets: Mutex<BTreeMap<String, BTreeMap<String, (Vec<u8>, Vec<(String, String)>)>>>,
+    buckets: Mutex<BTreeMap<String, BTreeMap<String, Stored>>>,
     /// Bucket names `create_bucket` reports as existing (collisions).
     pub taken: Mutex<BTreeSet<String>>,
 }

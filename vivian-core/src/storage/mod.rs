@@ -276,6 +276,8 @@ impl MinioRequest {
         }
         match obj.get("credentials") {
             None | Some(serde_json::Value::Null) => {}
+            // The reference client sends `{}` without `-a`.
+            Some(serde_json::Value::Object(c)) if c.is_empty() => {}
             Some(serde_json::Value::Object(c)) => {
                 let ak = c.get("access_key").and_then(|x| x.as_str());
                 let sk = c.get("secret_key").and_then(|x| x.as_str());

@@ -238,6 +238,8 @@ fn minio_metadata_is_parsed_strictly() {
     .unwrap();
     assert_eq!(r.groups, vec!["g"]);
     assert_eq!(r.credentials.unwrap().access_key, "a");
+    let r = MinioRequest::from_json(&serde_json::json!({"credentials": {}, "groups": []})).unwrap();
+    assert_eq!(r, MinioRequest::default());
     for bad in [
         serde_json::json!(3),
         serde_json::json!({"groups": "g"}),
