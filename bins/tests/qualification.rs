@@ -146,16 +146,13 @@ impl QualFarm {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        farm.set_job_runner(Arc::new(JobEngine::new(
-            console,
-            EngineOptions {
-                minio_url: "http://127.0.0.1:9".into(),
-                job_env,
-                parse: Default::default(),
-                log_dir: dir.path().join("jobs"),
-                ..EngineOptions::default()
-            },
-        )));
+        let engine = EngineOptions {
+            minio_url: "http://127.0.0.1:9".into(),
+            job_env,
+            log_dir: dir.path().join("jobs"),
+            ..EngineOptions::default()
+        };
+        farm.set_job_runner(Arc::new(JobEngine::new(console, engine)));
         farm.start().await;
         // Ready when the virtual PDU has listed its outlets.
         let h = farm.pdus().get("VPDU").expect("the VPDU PDU exists");
