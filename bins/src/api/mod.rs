@@ -16,6 +16,17 @@
 //! request that clashes with the current state is 409; bodies over the
 //! limit are 413 and a wrong content type 415. Every error body is
 //! `{"error": "<message>"}`, and a rejected request changes nothing.
+//!
+//! Request log ([`server_filter`], target `vivian::http`): every request
+//! is an event with method, path, status and duration. Successful reads
+//! are at `debug`, so that dashboards polling `full-state` cost no log
+//! line at the default `info`; changes, refusals (4xx) and requests slower
+//! than [`crate::serve::SLOW_REQUEST`] are at `info`, server errors at
+//! `warn`. To see every request: `RUST_LOG=info,vivian::http=debug`.
+//!
+//! Optional hooks ([`hooks`]) add what services outside the farm know to
+//! the DUT objects: `gitlab_runners` ([`RunnerHook`], GitLab) and
+//! `logs_endpoint` ([`LogsSource`], SALAD); reads answer from memory.
 
 pub mod body;
 pub mod error;

@@ -51,6 +51,37 @@ fn path_param(name: &str, desc: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "description": desc, "schema": {"type": "string"}})
 }
 
+/// Members of the DUT object beyond the reference's V2024 shape: job and
+/// quick-check status, and what the optional hooks add (runner states,
+/// console log endpoint).
+fn dut_members(doc: &mut Value) {
+    let runner = json!({"type": "object", "description": "The DUT's runner on one GitLab instance (never its token)", "properties": {
+        "exposed": {"type": "boolean", "description": "The MarsDB entry's exposed"},
+        "active": {"type": "boolean", "description": "Should be served now: DUT available, instance expose_runners, entry exposed, URL allowed"},
+        "registered": {"type": "boolean"}, "runner_id": {"type": "integer", "nullable": true},
+        "is_valid": {"type": "boolean", "nullable": true, "description": "Last check with GitLab: true valid, false refused, null not checked"},
+        "in_config": {"type": "boolean", "description": "In gitlab-runner's config.toml"},
+        "last_checked": {"type": "string", "format": "date-time", "nullable": true},
+        "error": {"type": "string", "nullable": true}}});
+    let members = json!({
+        "first_seen": {"type": "string", "format": "date-time"},
+        "current_job": {"type": "string", "nullable": true},
+        "quick_check_queued": {"type": "boolean"},
+        "gitlab_runners": {"type": "object", "additionalProperties": runner,
+            "description": "Runner state by GitLab instance name (present when the executor manages GitLab runners)"},
+        "logs_endpoint": {"type": "object", "description": "Where the console can be followed read-only (SALAD's tcp_port_logs on the host of SALAD_URL); absent while SALAD does not answer",
+            "properties": {"host": {"type": "string"}, "port": {"type": "integer"}}}
+    });
+    if let (Some(props), Some(m)) = (
+        doc["components"]["schemas"]["Dut"]["properties"].as_object_mut(),
+        members.as_object(),
+    ) {
+        for (k, v) in m {
+            props.insert(k.clone(), v.clone());
+        }
+    }
+}
+
 /// The OpenAPI 3.0 document describing every route of [`super::ROUTES`].
 pub fn document() -> Value {
     let id = path_param("id", "DUT id (usually its MAC address) or its full name");
@@ -183,6 +214,7 @@ pub fn document() -> Value {
         }}
     });
     doc["paths"]["/api/v1/dut/{id}/training/loop/{n}"] = training_loop;
+    dut_members(&mut doc);
     doc
 }
 
@@ -205,6 +237,21 @@ mod tests {
             .map(|r| (r.method.to_string(), r.path.to_string()))
             .collect();
         assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn the_dut_schema_has_the_hooks_members() {
+        let doc = document();
+        let props = &doc["components"]["schemas"]["Dut"]["properties"];
+        for m in [
+            "id",
+            "state",
+            "gitlab_runners",
+            "logs_endpoint",
+            "current_job",
+        ] {
+            assert!(props.get(m).is_some(), "Dut schema lacks {m}");
+        }
     }
 
     #[test]
