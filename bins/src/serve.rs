@@ -8,8 +8,18 @@ use std::net::TcpListener;
 use anyhow::Context as _;
 use warp::Filter;
 
-/// Wraps `filter` so that every request is logged through tracing with its
-/// method, path, status and duration (target `vivian::http`).
+/// Requests slower than this are logged at `info` even when they succeed.
+pub const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Wraps `filter` so that every request is logged through tracing (target
+/// `vivian::http`) with its method, path, status and duration.
+///
+/// Levels: successful reads (`GET`/`HEAD` answered below 400 within
+/// [`SLOW_REQUEST`]) at `debug`; changes (any other method), refusals
+/// (4xx) and slow requests at `info`; server errors (5xx) at `warn`. At the
+/// default `info` level a busy dashboard therefore costs no log line per
+/// poll, and an operator sees every request with
+/// `RUST_LOG=info,vivian::http=debug`.
 pub fn with_request_log<F>(
     filter: F,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone + Send + Sync + 'static
@@ -22,19 +32,36 @@ where
 {
     filter
         .with(warp::log::custom(|info: warp::log::Info<'_>| {
-            let micros = info.elapsed().as_micros() as u64;
-            tracing::info!(
-                target: "vivian::http",
-                method = %info.method(),
-                path = %info.path(),
-                status = info.status().as_u16(),
-                duration_us = micros,
-                "{} {} {} {}us",
-                info.method(),
-                info.path(),
-                info.status().as_u16(),
-                micros
+            let status = info.status().as_u16();
+            let elapsed = info.elapsed();
+            let read = matches!(
+                *info.method(),
+                warp::http::Method::GET | warp::http::Method::HEAD
             );
+            macro_rules! log_at {
+                ($level:expr) => {
+                    tracing::event!(
+                        target: "vivian::http",
+                        $level,
+                        method = %info.method(),
+                        path = %info.path(),
+                        status,
+                        duration_us = elapsed.as_micros() as u64,
+                        "{} {} {} {}us",
+                        info.method(),
+                        info.path(),
+                        status,
+                        elapsed.as_micros()
+                    )
+                };
+            }
+            if status >= 500 {
+                log_at!(tracing::Level::WARN);
+            } else if !read || status >= 400 || elapsed >= SLOW_REQUEST {
+                log_at!(tracing::Level::INFO);
+            } else {
+                log_at!(tracing::Level::DEBUG);
+            }
         }))
         .map(warp::Reply::into_response)
 }
@@ -245,7 +272,7 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         .map(|d| d.join("job_logs"))
         .unwrap_or_else(|| std::path::PathBuf::from("job_logs"));
     let engine = crate::engine::JobEngine::new(
-        console,
+        console.clone(),
         crate::engine::EngineOptions {
             minio_url: config.minio_url.as_str().to_string(),
             job_env: config.job_environment(),
@@ -269,14 +296,27 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         crate::api::ApiOptions {
             netboot: Some(netboot),
             minio_url: config.minio_url.as_str().to_string(),
+            job_env: config.job_environment(),
         },
     );
+    // GET /api/v1/dut/<id> shows the DUT's runners; DELETE removes them.
+    state.set_runner_hook(Arc::new(gitlab.clone()));
+    // `logs_endpoint`: SALAD's read-only console ports, followed in memory.
+    let salad_host = config
+        .salad_url
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let logs = crate::api::ConsoleLogs::new(console, salad_host);
+    let logs_task = logs.spawn(farm.db().clone(), std::time::Duration::from_secs(30));
+    state.set_logs_source(logs);
     let res = serve(
         crate::api::server_filter(state),
         listeners,
         shutdown_signal(),
     )
     .await;
+    logs_task.abort();
     boots.shutdown();
     gitlab.shutdown();
     let _ = gitlab_task.await;

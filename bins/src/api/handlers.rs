@@ -1,6 +1,6 @@
 //! Dispatch of a request to its endpoint, and the endpoints.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,8 +13,9 @@ use vivian_core::netboot::{BootRequest, DefaultNetboot, Netboot, NetbootError};
 
 use super::body::{self, field};
 use super::error::ApiError;
+use super::hooks::{LogsSource, RunnerHook};
 use super::routing::{self, Endpoint};
-use super::views::ViewCache;
+use super::views::{Hooks, ViewCache};
 use super::{ApiState, Request};
 
 mod jobs;
@@ -27,6 +28,12 @@ pub(crate) struct Inner {
     pub openapi: Bytes,
     /// MinIO URL given to the submission-time render of job templates.
     pub minio_url: String,
+    /// GitLab runners of the DUTs (optional).
+    pub runners: OnceLock<Arc<dyn RunnerHook>>,
+    /// Console log endpoints of the DUTs (optional).
+    pub logs: OnceLock<Arc<dyn LogsSource>>,
+    /// `EXECUTOR_JOB__*` variables of the submission-time render.
+    pub job_env: std::collections::BTreeMap<String, String>,
 }
 
 impl Inner {
@@ -43,7 +50,25 @@ impl Inner {
             cache: ViewCache::new(),
             openapi: Bytes::from(super::openapi::document().to_string()),
             minio_url,
+            runners: OnceLock::new(),
+            logs: OnceLock::new(),
+            job_env: Default::default(),
         }
+    }
+}
+
+impl Inner {
+    /// The installed hooks, for the view cache.
+    pub fn hooks(&self) -> Hooks<'_> {
+        Hooks {
+            runners: self.runners.get().map(|h| h.as_ref()),
+            logs: self.logs.get().map(|h| h.as_ref()),
+        }
+    }
+
+    /// The renderings of the farm's current state.
+    fn rendered(&self) -> Arc<super::views::Rendered> {
+        self.cache.get(&self.farm, self.hooks())
     }
 }
 
@@ -69,6 +94,20 @@ fn json_response(body: Bytes) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    r
+}
+
+/// A JSON body sent as two pieces (no copy of the cached head).
+fn json_pieces(head: Bytes, tail: Bytes) -> Response {
+    let len = head.len() + tail.len();
+    let pieces = futures::stream::iter([Ok::<Bytes, std::convert::Infallible>(head), Ok(tail)]);
+    let mut r = warp::Reply::into_response(warp::reply::stream(pieces));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     r
 }
 
@@ -108,31 +147,29 @@ pub(crate) async fn dispatch(state: &ApiState, req: Request) -> Result<Response,
     let method = if is_head { "GET" } else { method };
     let farm = &inner.farm;
     match (ep, method) {
-        (Endpoint::Duts, _) => Ok(json_response(inner.cache.get(farm).duts_body.clone())),
+        (Endpoint::Duts, _) => Ok(json_response(inner.rendered().duts_body.clone())),
         (Endpoint::FullState, _) => {
-            let r = inner.cache.get(farm);
-            Ok(json_response(
-                r.full_state(&discovery_json(farm), &now_rfc3339()),
-            ))
+            let r = inner.rendered();
+            let (head, tail) = r.full_state(&discovery_json(farm), &now_rfc3339());
+            Ok(json_pieces(head, tail))
         }
         (Endpoint::Dut(id), "GET") => {
-            let r = inner.cache.get(farm);
+            let r = inner.rendered();
             r.find_dut(&id)
                 .cloned()
                 .map(json_response)
                 .ok_or_else(|| unknown_dut(&id))
         }
-        (Endpoint::Pdus, _) => Ok(json_response(inner.cache.get(farm).pdus_body.clone())),
+        (Endpoint::Pdus, _) => Ok(json_response(inner.rendered().pdus_body.clone())),
         (Endpoint::Pdu(name), _) => inner
-            .cache
-            .get(farm)
+            .rendered()
             .pdu
             .get(&name)
             .cloned()
             .map(json_response)
             .ok_or_else(|| unknown_pdu(&name)),
         (Endpoint::Port(name, port), "GET") => {
-            let r = inner.cache.get(farm);
+            let r = inner.rendered();
             let pdu = r.view.pdus.get(&name).ok_or_else(|| unknown_pdu(&name))?;
             let p = pdu
                 .ports
@@ -158,7 +195,7 @@ pub(crate) async fn dispatch(state: &ApiState, req: Request) -> Result<Response,
             let obj = body::json_object(req.content_type.as_deref(), req.body).await?;
             let reg = DutRegistration::from_json(&obj)?;
             let (id, created) = farm.register_dut(reg).await?;
-            let r = inner.cache.get(farm);
+            let r = inner.rendered();
             let body = r
                 .find_dut(&id.to_string())
                 .cloned()
@@ -171,7 +208,7 @@ pub(crate) async fn dispatch(state: &ApiState, req: Request) -> Result<Response,
             let patch = DutPatch::from_json(&obj)?;
             Ok(text_response(farm.patch_dut(&id, patch).await?))
         }
-        (Endpoint::Dut(id), "DELETE") => Ok(text_response(farm.remove_dut(&id).await?)),
+        (Endpoint::Dut(id), "DELETE") => remove_dut(inner, &id).await,
         (Endpoint::QuickCheck(id), _) => Ok(text_response(farm.queue_quick_check(&id).await?)),
         (Endpoint::CancelJob(id), _) => Ok(text_response(farm.cancel_job(&id).await?)),
         (Endpoint::Discover, "POST") => {
@@ -195,6 +232,26 @@ pub(crate) async fn dispatch(state: &ApiState, req: Request) -> Result<Response,
         (Endpoint::Jobs, _) => jobs::submit(inner, req).await,
         (ep, m) => Err(ApiError::method_not_allowed(m, &format!("{ep:?}"), &[])),
     }
+}
+
+/// `DELETE /dut/<id>`: removes the DUT (EX A.5), then its runners, before
+/// answering (a runner GitLab could not be reached for is retried by the
+/// hook; the DUT is gone either way).
+async fn remove_dut(inner: &Inner, key: &str) -> Result<Response, ApiError> {
+    let farm = &inner.farm;
+    let (mac, _) = farm.resolve_dut(key)?;
+    let record = farm.db().snapshot().duts.get(&mac).cloned();
+    let text = farm.remove_dut(key).await?;
+    if let Some(hook) = inner.runners.get() {
+        let r = hook.dut_removed(&mac, record.as_ref()).await;
+        for (instance, reason) in &r.retrying {
+            tracing::warn!(dut = %mac, instance = %instance, "the runner of the removed DUT could not be removed yet (retried later): {reason}");
+        }
+        if !r.removed.is_empty() {
+            tracing::info!(dut = %mac, instances = ?r.removed, "removed the runners of the removed DUT");
+        }
+    }
+    Ok(text_response(text))
 }
 
 fn unknown_dut(id: &str) -> ApiError {
