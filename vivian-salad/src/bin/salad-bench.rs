@@ -449,8 +449,13 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
     let shortfall = if offered < 0.95 * nominal {
         format!(
             "\nWARNING: the load generator offered only {:.0}% of the nominal rate (it did not get enough CPU): \
-             the figures are not comparable; run with --realtime",
-            100.0 * offered / nominal
+             the figures are not comparable; {}",
+            100.0 * offered / nominal,
+            if args.realtime {
+                "the multiplexer and the generator together need more CPU than this machine has"
+            } else {
+                "run with --realtime"
+            }
         )
     } else {
         String::new()
