@@ -90,6 +90,8 @@ pub struct EngineOptions {
     pub parse: ParseOptions,
     /// Folder of the per-job log files.
     pub log_dir: PathBuf,
+    /// The artifact cache (`EXECUTOR_ARTIFACT_CACHE_ROOT`), if enabled.
+    pub artifacts: Option<Arc<crate::artifacts::Artifacts>>,
 }
 
 /// The job engine: a [`JobRunner`] that runs jobs on the farm's DUTs.
@@ -572,7 +574,26 @@ impl Session {
             } else {
                 &job.deployment.continue_
             };
-            self.farm.set_job_boot(&dut, &sub.job_id, boot_of(state));
+            // With an artifact cache: fetch the boot's artifacts, boot from the cache.
+            let boot = match crate::artifacts::job_boot(
+                self.options.artifacts.as_ref(),
+                &dut.to_string(),
+                state,
+                boot_of(state),
+                &job.timeouts,
+                &self.job.cancel,
+                &|m| report.info(m),
+            )
+            .await
+            {
+                Ok(boot) => boot,
+                Err(e) if e.is_cancelled() => break 'job Outcome::Cancelled,
+                Err(e) => {
+                    report.error(Fault::Infrastructure, e);
+                    break 'job Outcome::SetupFail;
+                }
+            };
+            self.farm.set_job_boot(&dut, &sub.job_id, boot);
             report.info(if first {
                 "Powering the DUT off, then on, with the start deployment".to_string()
             } else {

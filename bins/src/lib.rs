@@ -2,6 +2,7 @@
 //! embedding program) and the wiring of the executor.
 #![warn(missing_docs)]
 pub mod api;
+pub mod artifacts;
 pub mod client;
 pub mod demo;
 pub mod engine;

@@ -212,6 +212,8 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         tracing::error!("MarsDB is invalid, starting with the last good (empty) database: {e}");
     }
     let db: Arc<dyn MarsDb> = Arc::new(db);
+    // The artifact cache (EXECUTOR_ARTIFACT_CACHE_ROOT): DUTs boot from it.
+    let artifacts = crate::artifacts::Artifacts::from_config(&config, std::env::vars())?;
     // DHCP and TFTP on PRIVATE_INTERFACE (or socket-activated), unless
     // BOOTS_DISABLE_SERVERS is set. Boot events go to the log.
     let boots = vivian_boots::Boots::start(
@@ -227,6 +229,10 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         )
     })?;
 
+    if let Some(a) = &artifacts {
+        // U-Boot's kernels and initrds over TFTP come from the cache too.
+        boots.set_artifact_fetcher(a.clone());
+    }
     let pdus = Arc::new(PduManager::new(registry, PduOptions::default()));
     let mut farm_opts = FarmOptions::new(config.farm_name.clone());
     // Sergent Hartman: registration, training boot loops and quick checks,
@@ -283,6 +289,7 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
                     .map(|r| r.as_str().to_string()),
             },
             log_dir,
+            artifacts: artifacts.clone(),
         },
     );
     farm.set_job_runner(Arc::new(engine.with_job_buckets(job_buckets)));
@@ -310,6 +317,9 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     let logs = crate::api::ConsoleLogs::new(console, salad_host);
     let logs_task = logs.spawn(farm.db().clone(), std::time::Duration::from_secs(30));
     state.set_logs_source(logs);
+    if let Some(a) = artifacts {
+        state.set_artifacts(a);
+    }
     let res = serve(
         crate::api::server_filter(state),
         listeners,

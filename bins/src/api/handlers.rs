@@ -28,6 +28,8 @@ pub(crate) struct Inner {
     pub openapi: Bytes,
     /// MinIO URL given to the submission-time render of job templates.
     pub minio_url: String,
+    /// The artifact cache, when `EXECUTOR_ARTIFACT_CACHE_ROOT` is set.
+    pub artifacts: OnceLock<Arc<crate::artifacts::Artifacts>>,
     /// GitLab runners of the DUTs (optional).
     pub runners: OnceLock<Arc<dyn RunnerHook>>,
     /// Console log endpoints of the DUTs (optional).
@@ -50,6 +52,7 @@ impl Inner {
             cache: ViewCache::new(),
             openapi: Bytes::from(super::openapi::document().to_string()),
             minio_url,
+            artifacts: OnceLock::new(),
             runners: OnceLock::new(),
             logs: OnceLock::new(),
             job_env: Default::default(),
@@ -86,6 +89,18 @@ impl From<FarmError> for ApiError {
         };
         ApiError::new(status, e.to_string())
     }
+}
+
+/// `GET /api/v1/artifacts`: the artifact cache's entries (an empty list
+/// with `enabled: false` without a cache).
+fn artifacts_listing(inner: &Inner) -> Result<Response, ApiError> {
+    let v = match inner.artifacts.get() {
+        Some(a) => a
+            .listing()
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        None => json!({"enabled": false, "artifacts": []}),
+    };
+    Ok(json_response(Bytes::from(v.to_string())))
 }
 
 fn json_response(body: Bytes) -> Response {
@@ -180,6 +195,7 @@ pub(crate) async fn dispatch(state: &ApiState, req: Request) -> Result<Response,
             )))
         }
         (Endpoint::Discover, "GET") => Ok(json_response(discovery_json(farm))),
+        (Endpoint::Artifacts, _) => artifacts_listing(inner),
         (Endpoint::OpenApi, _) => Ok(json_response(inner.openapi.clone())),
         (Endpoint::QuickCheck(id), "GET") => {
             let q = farm.quick_check_queued(&id)?;

@@ -104,6 +104,18 @@ impl ApiState {
         &self.inner.farm
     }
 
+    /// Installs the artifact cache: `GET /api/v1/artifacts` lists it and
+    /// [`server_filter`] serves `/artifacts/<key>` from it. A state has at
+    /// most one: a second call returns `false` and changes nothing.
+    pub fn set_artifacts(&self, artifacts: Arc<crate::artifacts::Artifacts>) -> bool {
+        self.inner.artifacts.set(artifacts).is_ok()
+    }
+
+    /// The artifact cache, if one is installed.
+    pub fn artifacts(&self) -> Option<Arc<crate::artifacts::Artifacts>> {
+        self.inner.artifacts.get().cloned()
+    }
+
     /// Installs the GitLab runner hook: the DUT objects get a
     /// `gitlab_runners` member (the runner state on each instance) and
     /// `DELETE /api/v1/dut/<id>` removes the DUT's runners before it
@@ -241,5 +253,10 @@ pub fn rejection_response(rej: &warp::Rejection) -> Response {
 pub fn server_filter(
     state: ApiState,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
-    crate::serve::with_request_log(crate::serve::with_json_fallback(routes(state)))
+    // `/artifacts/<key>` (DUT downloads from the artifact cache) first.
+    let s = state.clone();
+    let artifacts = crate::artifacts::routes(move || s.artifacts());
+    crate::serve::with_request_log(crate::serve::with_json_fallback(
+        artifacts.or(routes(state)).unify(),
+    ))
 }

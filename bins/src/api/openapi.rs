@@ -82,6 +82,20 @@ fn dut_members(doc: &mut Value) {
     }
 }
 
+/// `GET /api/v1/artifacts` (the artifact cache).
+fn artifacts_path() -> Value {
+    let entry = json!({"type": "object", "properties": {
+        "key": {"type": "string"}, "url": {"type": "string"}, "download_url": {"type": "string"},
+        "size": {"type": "integer"}, "state": {"type": "string", "enum": ["fresh", "stale", "partial"]},
+        "last_used": {"type": "string", "format": "date-time"},
+        "validated_at": {"type": "string", "format": "date-time", "nullable": true},
+        "etag": {"type": "string", "nullable": true}, "pinned": {"type": "boolean"}}});
+    json!({"get": {"summary": "The artifact cache (EXECUTOR_ARTIFACT_CACHE_ROOT): every entry with its origin URL, size, last use, validation state (fresh, stale, partial) and the URL DUTs download it from (/artifacts/<key>, GET/HEAD with Range); enabled is false without a cache",
+        "responses": ok_json(json!({"type": "object", "properties": {"enabled": {"type": "boolean"},
+            "total_bytes": {"type": "integer"}, "max_bytes": {"type": "integer", "nullable": true},
+            "artifacts": {"type": "array", "items": entry}}}))}})
+}
+
 /// The OpenAPI 3.0 document describing every route of [`super::ROUTES`].
 pub fn document() -> Value {
     let id = path_param("id", "DUT id (usually its MAC address) or its full name");
@@ -215,6 +229,7 @@ pub fn document() -> Value {
     });
     doc["paths"]["/api/v1/dut/{id}/training/loop/{n}"] = training_loop;
     dut_members(&mut doc);
+    doc["paths"]["/api/v1/artifacts"] = artifacts_path();
     doc
 }
 

@@ -39,6 +39,7 @@ pub const ROUTES: &[Route] = &[
     r("PATCH", "/api/v1/pdu/{name}/port/{port_id}"),
     r("GET", "/api/v1/full-state"),
     r("POST", "/api/v1/jobs"),
+    r("GET", "/api/v1/artifacts"),
     r("GET", "/api/v1/openapi.json"),
     r("GET", "/boot/{id}/boot.ipxe"),
 ];
@@ -78,6 +79,8 @@ pub enum Endpoint {
     FullState,
     /// `/api/v1/jobs`
     Jobs,
+    /// `/api/v1/artifacts`
+    Artifacts,
     /// `/api/v1/openapi.json`
     OpenApi,
 }
@@ -92,6 +95,7 @@ impl Endpoint {
             | Endpoint::Pdu(_)
             | Endpoint::FullState
             | Endpoint::TrainingLoop(_, _)
+            | Endpoint::Artifacts
             | Endpoint::OpenApi => &["GET"],
             Endpoint::DutRegister => &["POST", "PUT"],
             Endpoint::Discover => &["GET", "POST", "DELETE"],
@@ -153,6 +157,7 @@ pub fn resolve(path: &str) -> Option<Endpoint> {
             }
             ["full-state"] => Some(Endpoint::FullState),
             ["jobs"] => Some(Endpoint::Jobs),
+            ["artifacts"] => Some(Endpoint::Artifacts),
             ["openapi.json"] => Some(Endpoint::OpenApi),
             _ => None,
         },
