@@ -280,14 +280,15 @@ async fn job_bucket_end_to_end_on_seaweedfs() {
     iam.add_user_to_group("alice", "g1").await.unwrap();
 
     // Start-up check of the root credentials.
-    let e = connect(
+    let Err(e) = connect(
         &sw.url,
         &Credentials::new(&sw.admin.access_key, "not-the-password"),
         AdminApi::Iam(style),
     )
     .await
-    .err()
-    .expect("wrong root credentials are refused");
+    else {
+        panic!("wrong root credentials are refused");
+    };
     assert!(e.to_string().contains("Invalid (MinIO) credentials"), "{e}");
     assert!(
         !e.to_string().contains("not-the-password"),
