@@ -215,13 +215,25 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     // The artifact cache (EXECUTOR_ARTIFACT_CACHE_ROOT): DUTs boot from it.
     let artifacts = crate::artifacts::Artifacts::from_config(&config, std::env::vars())?;
     // DHCP and TFTP on PRIVATE_INTERFACE (or socket-activated), unless
-    // BOOTS_DISABLE_SERVERS is set. Boot events go to the log.
+    // BOOTS_DISABLE_SERVERS is set. Boot events go to the log and, once
+    // the farm runs, to discovery (an unknown machine netbooting during a
+    // discovery is registered on the discovery's port).
+    use vivian_core::netboot::{BootEvent, BootEventSink};
+    let log_sink: Arc<dyn BootEventSink> = Arc::new(|ev: BootEvent| {
+        tracing::debug!(target: "vivian::boots", mac = %ev.mac, dut = ?ev.dut_id, "{:?}", ev.kind);
+    });
+    let farm_sink: Arc<std::sync::OnceLock<Arc<dyn BootEventSink>>> =
+        Arc::new(std::sync::OnceLock::new());
     let boots = vivian_boots::Boots::start(
         &vivian_boots::BootsConfig::from_config(&config),
         Arc::new(vivian_core::netboot::MarsDbDuts::new(db.clone())),
-        Arc::new(|ev: vivian_core::netboot::BootEvent| {
-            tracing::debug!(target: "vivian::boots", mac = %ev.mac, dut = ?ev.dut_id, "{:?}", ev.kind);
-        }),
+        {
+            let (farm_sink, log_sink) = (farm_sink.clone(), log_sink.clone());
+            Arc::new(move |ev: BootEvent| match farm_sink.get() {
+                Some(sink) => sink.record(ev),
+                None => log_sink.record(ev),
+            })
+        },
     )
     .map_err(|e| {
         anyhow::anyhow!(
@@ -266,6 +278,7 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     .await?;
     let farm = Farm::new(db, pdus, farm_opts);
     farm.start().await;
+    let _ = farm_sink.set(vivian_core::netboot::discovery_sink(farm.clone(), log_sink));
 
     // The job engine: consoles from SALAD_URL, job logs next to MarsDB.
     let console: Arc<dyn vivian_core::console::ConsoleSource> = Arc::new(
@@ -298,6 +311,8 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         config.boots_defaults.clone(),
         farm.clone(),
     ));
+    // U-Boot's boot.scr over TFTP is rendered from the same configuration.
+    boots.set_netboot(netboot.clone());
     let state = crate::api::ApiState::with_options(
         farm.clone(),
         crate::api::ApiOptions {
