@@ -334,7 +334,7 @@ impl DemoFarm {
                     job_env: opts.job_env.clone(),
                     parse: Default::default(),
                     log_dir: dir.join("jobs"),
-                artifacts: None,
+                    artifacts: None,
                 },
             )
             .with_job_buckets(opts.job_buckets.clone()),
