@@ -159,6 +159,8 @@ deployment:
     async fn run(&self, path: PathBuf) -> JobStatus {
         let mut opts = RunOptions::new(self.api_url.clone(), path);
         opts.interactive = false;
+        // The DUT may still be on its way back to IDLE after the previous job.
+        opts.wait = true;
         tokio::time::timeout(Duration::from_secs(90), run_job(&opts))
             .await
             .expect("the job ends in time")
