@@ -396,6 +396,7 @@ async fn real_farm() -> RealFarm {
             .env("EXECUTOR_PORT", exec_port.to_string())
             .env("SALAD_URL", format!("http://127.0.0.1:{salad_port}"))
             .env("BOOTS_DISABLE_SERVERS", "1")
+            .env("SERGENT_HARTMAN_QUICK_CHECK", "disabled")
             .env("GITLAB_CONF_FILE", dir.path().join("gitlab-runner.toml"))
             // A variable of the job templates (EX B.6), used by the jobs'
             // target: the submission-time render must see it too.

@@ -141,6 +141,7 @@ fn executorctl_runs_a_job_through_salad_vpdu_and_executor() {
             .env("EXECUTOR_PORT", exec_port.to_string())
             .env("SALAD_URL", format!("http://127.0.0.1:{salad_port}"))
             .env("BOOTS_DISABLE_SERVERS", "1")
+            .env("SERGENT_HARTMAN_QUICK_CHECK", "disabled")
             .env("GITLAB_CONF_FILE", dir.path().join("gitlab-runner.toml"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
