@@ -271,6 +271,14 @@ async fn concurrent_fetches_of_one_url_download_once() {
         }
     }
     assert_eq!(downloaded, 1);
+    // The origin records a request when its connection ends, which may be
+    // after the client has the whole body: give it a bounded moment.
+    for _ in 0..200 {
+        if !origin.hits().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(origin.hits().len(), 1, "{:?}", origin.hits());
 }
 
