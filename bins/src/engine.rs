@@ -13,8 +13,11 @@
 //!    console patterns line by line and apply the timeouts;
 //! 5. a `session_end` match, an exhausted retry budget, the overall timeout
 //!    or a cancel ends the session: power OFF, `session_end` with the
-//!    verdict (except on cancel: the client then reports INCOMPLETE), and
-//!    the DUT goes back to IDLE, or to TRAINING when it matched
+//!    verdict (except on cancel: the client then reports INCOMPLETE);
+//! 6. teardown: the connection is half-closed after `session_end` and the
+//!    engine waits for the client to close it (it may be downloading the
+//!    job bucket), at most the job's `infra_teardown`, then closes it; the
+//!    DUT goes back to IDLE, or to TRAINING when it matched
 //!    `machine_unfit_for_service`.
 //!
 //! Failures are reported to the client as control messages that say whose
@@ -266,9 +269,7 @@ async fn pump_messages(
                 }
             };
             if let Some(c) = &capture {
-                let mut c = c.lock().unwrap();
-                c.console_data |= matches!(msg.payload, Payload::JobIo(_));
-                c.push(&text);
+                c.lock().unwrap().push(&text);
             }
             if let Some(file) = log.as_mut() {
                 if file.write_all(&text).await.is_err() {
@@ -279,6 +280,11 @@ async fn pump_messages(
         if let Some(w) = client.as_mut() {
             if protocol::write_message(w, &msg).await.is_err() {
                 tracing::info!("the client went away; the job goes on, logged to its file");
+                client = None;
+            } else if matches!(msg.payload, Payload::SessionEnd(_)) {
+                // `session_end` is the last message: half-close (EX C.4);
+                // what follows (teardown) goes to the log only.
+                let _ = w.shutdown().await;
                 client = None;
             }
         }
@@ -433,7 +439,14 @@ impl Session {
             return None;
         }
 
-        let outcome = self.session(&report, client_read).await;
+        // Client input, forwarded to the console by the boot loop; the
+        // reader also tells when the client closed the connection.
+        let (input_tx, input_rx) = mpsc::channel::<Vec<u8>>(64);
+        let client_reader = client_read.map(|r| tokio::spawn(read_client(r, input_tx)));
+        let mut teardown_limit = vivian_core::job::Timeouts::default()
+            .infra_teardown
+            .duration();
+        let outcome = self.session(&report, input_rx, &mut teardown_limit).await;
         match &outcome {
             Outcome::Verdict { status, .. } => {
                 report.info(format!("Job finished with status {status}"));
@@ -448,6 +461,16 @@ impl Session {
                 report.ctrl("The job was cancelled", Severity::Warn);
             }
         }
+        // Teardown (EX C.4): after `session_end` the connection is
+        // half-closed; the client closes it once it has what it needs (the
+        // job bucket), bounded by `infra_teardown` or a cancel.
+        if let Some(reader) = client_reader {
+            if matches!(outcome, Outcome::Cancelled) {
+                reader.abort();
+            } else {
+                wait_for_client_close(reader, teardown_limit, &self.job.cancel, &report).await;
+            }
+        }
         drop(report);
         let _ = pump.await;
         self.bucket.teardown(&self.job.cancel).await;
@@ -457,7 +480,8 @@ impl Session {
     async fn session(
         &self,
         report: &Reporter,
-        client_read: Option<tokio::net::tcp::OwnedReadHalf>,
+        mut input_rx: mpsc::Receiver<Vec<u8>>,
+        teardown_limit: &mut Option<Duration>,
     ) -> Outcome {
         let sub = &self.job.submission;
         let dut = self.job.dut;
@@ -518,6 +542,7 @@ impl Session {
                 return Outcome::SetupFail;
             }
         };
+        *teardown_limit = job.timeouts.infra_teardown.duration();
         if job.is_past(chrono::Utc::now()) {
             report.error(
                 Fault::JobDefinition,
@@ -561,13 +586,11 @@ impl Session {
         let mut matcher = job.console_matcher();
         timeouts.on_job_start(std::time::Instant::now());
 
-        // Client input, forwarded to the console by the boot loop.
-        let (input_tx, mut input_rx) = mpsc::channel::<Vec<u8>>(64);
-        let client_reader = client_read.map(|r| tokio::spawn(read_client(r, input_tx)));
-
         let mut first = true;
         let mut buf = vec![0u8; 16 * 1024];
         let mut console_open = true;
+        // The DUT printed something since a power-on of this job.
+        let mut console_data = false;
         let outcome = 'job: loop {
             let state: &DeploymentState = if first {
                 &job.deployment.start
@@ -600,20 +623,47 @@ impl Session {
                 "Rebooting the DUT with the continue deployment".to_string()
             });
             first = false;
-            if let Err(e) = pdu.set_port_state(&port, PortState::Off).await {
+            // The console is read all along the power cycle, but only what
+            // comes after the power-on is matched: lines the DUT printed
+            // before (in an earlier boot, e.g. "Registration complete" of
+            // the discovery boot, still in the console's buffers) must not
+            // decide this boot's verdict. They still reach the client and
+            // the log.
+            let mut pre_boot = PreBoot {
+                console: &mut console_read,
+                open: &mut console_open,
+                buf: &mut buf,
+                report,
+                bytes: 0,
+            };
+            if let Err(e) = pre_boot
+                .during(pdu.set_port_state(&port, PortState::Off))
+                .await
+            {
                 report.error(
                     Fault::Infrastructure,
                     format!("cannot switch {pdu_name}/{port} OFF: {e}"),
                 );
                 break 'job Outcome::SetupFail;
             }
-            if let Err(e) = pdu.set_port_state(&port, PortState::On).await {
+            pre_boot.drain_ready().await;
+            if let Err(e) = pre_boot
+                .during(pdu.set_port_state(&port, PortState::On))
+                .await
+            {
                 report.error(
                     Fault::Infrastructure,
                     format!("cannot switch {pdu_name}/{port} ON: {e}"),
                 );
                 let _ = pdu.set_port_state(&port, PortState::Off).await;
                 break 'job Outcome::SetupFail;
+            }
+            if pre_boot.bytes > 0 {
+                report.info(format!(
+                    "{} bytes of console output from before the power-on were not matched \
+                     against the console patterns",
+                    pre_boot.bytes
+                ));
             }
             timeouts.on_power_on(std::time::Instant::now());
             matcher.reset_per_boot();
@@ -642,6 +692,12 @@ impl Session {
                         Ok(n) => {
                             let data = &buf[..n];
                             report.io(data);
+                            if !console_data {
+                                console_data = true;
+                                if let Some(i) = &self.internal {
+                                    i.capture.lock().unwrap().console_data = true;
+                                }
+                            }
                             let now = std::time::Instant::now();
                             let feed = matcher.feed(data);
                             if feed.activity {
@@ -735,10 +791,65 @@ impl Session {
                 }
             }
         };
-        if let Some(h) = client_reader {
-            self.bucket.keep_client_reader(h);
-        }
         outcome
+    }
+}
+
+/// Reads a DUT's console while its port is being switched, before the
+/// boot's power-on: the bytes go to the client and the log (as console
+/// output) but are never matched against the console patterns.
+struct PreBoot<'a> {
+    console: &'a mut vivian_core::console::ConsoleReader,
+    open: &'a mut bool,
+    buf: &'a mut [u8],
+    report: &'a Reporter,
+    /// Bytes read so far.
+    bytes: usize,
+}
+
+impl PreBoot<'_> {
+    fn forward(&mut self, n: std::io::Result<usize>) {
+        match n {
+            Ok(0) | Err(_) => {
+                tracing::debug!("console stream closed");
+                *self.open = false;
+            }
+            Ok(n) => {
+                self.report.io(&self.buf[..n]);
+                self.bytes += n;
+            }
+        }
+    }
+
+    /// Runs `op` (a PDU command) while reading the console.
+    async fn during<F: std::future::Future>(&mut self, op: F) -> F::Output {
+        tokio::pin!(op);
+        loop {
+            if !*self.open {
+                return op.await;
+            }
+            // Unbiased: a console that never stops talking cannot starve
+            // the PDU command.
+            tokio::select! {
+                out = &mut op => return out,
+                n = self.console.read(self.buf) => self.forward(n),
+            }
+        }
+    }
+
+    /// Reads what the console already holds, without waiting (bounded, for
+    /// a console that never stops talking).
+    async fn drain_ready(&mut self) {
+        for _ in 0..1024 {
+            if !*self.open {
+                return;
+            }
+            tokio::select! {
+                biased;
+                n = self.console.read(self.buf) => self.forward(n),
+                _ = std::future::ready(()) => return,
+            }
+        }
     }
 }
 
@@ -794,15 +905,49 @@ async fn open_log(dir: &Path, stem: &str) -> (PathBuf, Option<tokio::fs::File>) 
     (path, None)
 }
 
-/// Reads the client's frames and forwards `job_io` bytes as console input.
+/// Waits for the client to close its connection after `session_end`
+/// (`reader` ends), at most `limit` (the job's `infra_teardown`; `None`:
+/// no limit) and until `cancel`. On expiry the connection is dropped and
+/// the log says so.
+async fn wait_for_client_close(
+    reader: tokio::task::JoinHandle<()>,
+    limit: Option<Duration>,
+    cancel: &vivian_core::farm::CancelToken,
+    report: &Reporter,
+) {
+    let abort = reader.abort_handle();
+    let expiry = async {
+        match limit {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = expiry => {
+            abort.abort();
+            report.ctrl(
+                format!(
+                    "The infra_teardown timeout ({} s) expired: the client did not close \
+                     the connection after session_end; closing it",
+                    limit.unwrap_or_default().as_secs_f64()
+                ),
+                Severity::Warn,
+            );
+        }
+        _ = cancel.cancelled() => abort.abort(),
+    }
+}
+
+/// Reads the client's frames and forwards `job_io` bytes as console input
+/// (dropped once the session is over); ends when the client closes.
 async fn read_client<R: AsyncRead + Unpin>(mut r: R, input: mpsc::Sender<Vec<u8>>) {
     loop {
         match protocol::read_message(&mut r).await {
             Ok(Some(msg)) => {
                 if let Payload::JobIo(data) = msg.payload {
-                    if input.send(data).await.is_err() {
-                        return;
-                    }
+                    // After the session the input has nowhere to go.
+                    let _ = input.send(data).await;
                 }
             }
             Ok(None) => return,
