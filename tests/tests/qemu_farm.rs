@@ -26,7 +26,6 @@ use serde_json::Value;
 const BRIDGE: &str = "br0";
 const SERVER_IP: &str = "10.42.0.1";
 const MACS: [&str; 2] = ["52:54:00:11:22:00", "52:54:00:11:22:01"];
-const DUT_IPS: [&str; 2] = ["10.42.0.10", "10.42.0.11"];
 const EXECUTOR_PORT: u16 = 80;
 const FILES_PORT: u16 = 9000;
 const VPDU_PORT: u16 = 9191;
@@ -215,10 +214,9 @@ impl Drop for Farm {
                 );
             }
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("QEMU_FARM_KEEP_LOGS").is_some() {
             // Keep the logs and consoles for a post-mortem (small files).
-            let keep =
-                std::env::temp_dir().join(format!("qemu-farm-failed-{}", std::process::id()));
+            let keep = std::env::temp_dir().join(format!("qemu-farm-logs-{}", std::process::id()));
             let _ = Command::new("cp")
                 .arg("-a")
                 .arg(self.dir.path())
@@ -251,28 +249,6 @@ impl Farm {
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
         assert!(r.status().is_success(), "GET {path}: {}", r.status());
         r.json().unwrap()
-    }
-
-    fn state(&self, mac: &str) -> String {
-        self.get(&format!("/api/v1/dut/{mac}"))["state"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    fn wait_state(&self, mac: &str, want: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.state(mac);
-            if s == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{mac} is {s}, not {want}, after {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
 
     /// Runs `job` with `executorctl run`; its exit code and stdout.
@@ -415,8 +391,13 @@ fn artifacts_url() -> String {
 
 /// A user job on `mac`: boots the image and runs `command` (a kernel
 /// command line item); PASS when the console shows `JOB_RESULT=pass`.
-fn user_job(mac: &str, command: &str) -> String {
+/// `session_end: None` keeps the reference's default pattern (a kernel's
+/// "reboot: Power Down" line), which the image prints when it powers off.
+fn user_job(mac: &str, command: &str, session_end: Option<&str>) -> String {
     let files = artifacts_url();
+    let session_end = session_end
+        .map(|re| format!("  session_end: {{regex: \"{re}\"}}\n"))
+        .unwrap_or_default();
     format!(
         r#"version: 1
 target: {{id: "{mac}"}}
@@ -424,8 +405,7 @@ timeouts:
   overall: {{minutes: 2}}
   first_console_activity: {{seconds: 30}}
 console_patterns:
-  session_end: {{regex: "^It's now safe to turn off your computer\r?$"}}
-  job_success: {{regex: "^JOB_RESULT=pass\r?$"}}
+{session_end}  job_success: {{regex: "^JOB_RESULT=pass\r?$"}}
 deployment:
   start:
     kernel:
@@ -440,29 +420,113 @@ deployment:
     )
 }
 
-/// Records every state change of the DUTs until stopped.
-fn watch_states(api: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Vec<String>>> {
-    std::thread::spawn(move || {
-        let mut seen: Vec<Vec<String>> = vec![Vec::new(); MACS.len()];
-        let client = reqwest::blocking::Client::new();
-        while !stop.load(Ordering::Relaxed) {
-            for (i, mac) in MACS.iter().enumerate() {
-                let s = client
-                    .get(format!("{api}/api/v1/dut/{mac}"))
-                    .send()
-                    .ok()
-                    .and_then(|r| r.json::<Value>().ok())
-                    .and_then(|v| v["state"].as_str().map(str::to_string));
-                if let Some(s) = s {
-                    if seen[i].last() != Some(&s) {
-                        seen[i].push(s);
+/// What the API says about a DUT at one moment: its state and, while it
+/// trains, Sergent Hartman's progress.
+fn snapshot(dut: &Value) -> String {
+    let state = dut["state"].as_str().unwrap_or("?");
+    let t = &dut["training"];
+    match t["state"].as_str() {
+        Some("IDLE") | None => state.to_string(),
+        Some(training) => format!(
+            "{state}/{training} registered={} loops={} pass={}",
+            t["is_registered"],
+            t["current_loop_count"],
+            t["statuses"]["PASS"].as_u64().unwrap_or(0)
+        ),
+    }
+}
+
+/// Records every change of the DUTs' [`snapshot`]s, sampled every 50 ms
+/// from the API (a DUT that does not exist yet records nothing).
+struct StateLog {
+    seen: Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StateLog {
+    fn start(api: String) -> StateLog {
+        let seen = Arc::new(std::sync::Mutex::new(vec![Vec::new(); MACS.len()]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                loop {
+                    // The flag is read before sampling: the last sample
+                    // comes after whatever made the test stop.
+                    let last_round = stop.load(Ordering::Relaxed);
+                    for (i, mac) in MACS.iter().enumerate() {
+                        let s = client
+                            .get(format!("{api}/api/v1/dut/{mac}"))
+                            .send()
+                            .ok()
+                            .filter(|r| r.status().is_success())
+                            .and_then(|r| r.json::<Value>().ok())
+                            .map(|v| snapshot(&v));
+                        if let Some(s) = s {
+                            let mut seen = seen.lock().unwrap();
+                            if seen[i].last() != Some(&s) {
+                                seen[i].push(s);
+                            }
+                        }
                     }
+                    if last_round {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
                 }
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            })
+        };
+        StateLog {
+            seen,
+            stop,
+            thread: Some(thread),
         }
-        seen
-    })
+    }
+
+    fn last(&self, dut: usize) -> Option<String> {
+        self.seen.lock().unwrap()[dut].last().cloned()
+    }
+
+    /// Waits until the recorder has seen DUT `dut` in `want`.
+    fn wait_for(&self, dut: usize, want: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.last(dut);
+            if last.as_deref() == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} is {last:?}, not {want}, after {timeout:?}; it went through {:?}",
+                MACS[dut],
+                self.seen.lock().unwrap()[dut]
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops recording (after one last sample); what was seen.
+    fn finish(mut self) -> Vec<Vec<String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for StateLog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The "first console line N s after power ON" figures of vpdu's log.
@@ -496,67 +560,161 @@ fn preflight() {
     );
 }
 
+/// The whole life of two new machines in a farm of QEMU PCs: discovered
+/// through `POST /api/v1/dut/discover` (their outlet powers them on, they
+/// netboot the default boot configuration, their DHCP request creates
+/// them on that outlet), trained by Sergent Hartman with the stock
+/// registration and boot-loop templates (boot count 2), then given one
+/// user job each with `executorctl` at the same time: one PASS, one FAIL
+/// by console pattern. Every state the API shows is recorded and checked.
 #[test]
-fn qemu_duts_netboot_and_run_user_jobs() {
+fn qemu_duts_are_discovered_trained_and_run_user_jobs() {
     let t0 = Instant::now();
     preflight();
     let image = dut_image();
     let built = t0.elapsed();
     enter_private_network();
 
-    let mars_db = format!(
-        "pdus:\n  VPDU:\n    driver: vpdu\n    config:\n      hostname: 127.0.0.1:{VPDU_PORT}\nduts:\n{}",
-        MACS.iter()
-            .zip(DUT_IPS)
-            .enumerate()
-            .map(|(i, (mac, ip))| format!(
-                "  \"{mac}\":\n    base_name: virtio\n    mac_address: \"{mac}\"\n    ip_address: {ip}\n    tags: [\"virtio:family:VIRTIO\"]\n    local_tty_device: ttyS0\n    pdu: VPDU\n    pdu_port_id: '{i}'\n    pdu_off_delay: 0.5\n    ready_for_service: true\n"
-            ))
-            .collect::<String>()
-    );
+    let files = artifacts_url();
+    let kernel = format!("{files}/vmlinuz");
+    let initramfs = format!("{files}/initramfs.cpio.gz");
     let farm = start_farm(
         &image,
-        &mars_db,
-        &[("SERGENT_HARTMAN_QUICK_CHECK", "disabled")],
+        &format!(
+            "pdus:\n  VPDU:\n    driver: vpdu\n    config:\n      hostname: 127.0.0.1:{VPDU_PORT}\nduts: {{}}\n"
+        ),
+        &[
+            ("SERGENT_HARTMAN_BOOT_COUNT", "2"),
+            ("SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT", "2"),
+            ("SERGENT_HARTMAN_QUICK_CHECK", "disabled"),
+            // The stock templates (compiled into the executor), booting
+            // this image: only their variables differ from a real farm's.
+            ("EXECUTOR_JOB__TRAINING_KERNEL_URL", &kernel),
+            ("EXECUTOR_JOB__TRAINING_INITRAMFS_URL", &initramfs),
+            // What an unknown machine boots (the reference's default boot
+            // configuration: the registration container).
+            ("BOOTS_DEFAULT_KERNEL", &kernel),
+            ("BOOTS_DEFAULT_INITRD", &initramfs),
+            (
+                "BOOTS_DEFAULT_CMDLINE",
+                "console=ttyS0,115200 quiet b2c.container=\"docker://machine_registration:latest register\"",
+            ),
+        ],
     );
-    for mac in MACS {
-        farm.wait_state(mac, "IDLE", Duration::from_secs(30));
-    }
+    let ready = t0.elapsed();
+    let states = StateLog::start(farm.api.clone());
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
 
-    // One job per DUT, at the same time: one PASS, one FAIL by pattern.
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = watch_states(farm.api.clone(), stop.clone());
-    let jobs_started = Instant::now();
-    let (pass, fail) = std::thread::scope(|s| {
+    // Discovery, one outlet at a time (one discovery runs at once): the
+    // machine exists, on its outlet, once it has netbooted.
+    for (i, mac) in MACS.iter().enumerate() {
+        let r = client
+            .post(format!("{}/api/v1/dut/discover", farm.api))
+            .json(&serde_json::json!({"pdu": "VPDU", "port_id": i.to_string()}))
+            .send()
+            .unwrap();
+        let status = r.status();
+        let text = r.text().unwrap_or_default();
+        assert!(status.is_success(), "discover port {i}: {status} {text}");
+        assert!(
+            text.contains(&format!("Booting machine behind port {i} on PDU \"VPDU\"")),
+            "discover port {i}: {text}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let dut = loop {
+            let r = client
+                .get(format!("{}/api/v1/dut/{mac}", farm.api))
+                .send()
+                .unwrap();
+            if r.status().is_success() {
+                break r.json::<Value>().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{mac} was not discovered on port {i} within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(dut["pdu"]["name"], "VPDU", "{dut}");
+        assert_eq!(dut["pdu"]["port_id"], i.to_string(), "{dut}");
+        assert_eq!(dut["ready_for_service"], false, "{dut}");
+        // The discovery is over: the next one can start.
+        let d = farm.get("/api/v1/dut/discover");
+        assert!(
+            d.is_null() || d.as_object().is_some_and(|o| o.is_empty()),
+            "the discovery of port {i} is still running: {d}"
+        );
+    }
+    let discovered = t0.elapsed();
+
+    // Training: registration, 2 boot loops each, then IDLE; what the
+    // machine registered about itself.
+    let trained = |i: usize| -> String {
+        let mac = MACS[i];
+        states.wait_for(i, "IDLE", Duration::from_secs(180));
+        let dut = farm.get(&format!("/api/v1/dut/{mac}"));
+        assert_eq!(dut["ready_for_service"], true, "{dut}");
+        assert_eq!(dut["base_name"], "virtio", "{dut}");
+        assert_eq!(dut["local_tty_device"], "ttyS0", "{dut}");
+        assert_eq!(dut["mac_address"], mac, "{dut}");
+        assert_eq!(dut["pdu"]["port_id"], i.to_string(), "{dut}");
+        assert!(
+            dut["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t == "virtio:family:VIRTIO")),
+            "{dut}"
+        );
+        // The address our DHCP server gave it.
+        let ip = dut["ip_address"].as_str().unwrap_or_default().to_string();
+        assert!(
+            ip.starts_with("10.42.0.") && ip != SERVER_IP,
+            "{mac} registered the address {ip:?}: {dut}"
+        );
+        eprintln!(
+            "qemu_farm: {mac} trained after {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        ip
+    };
+
+    // Then one user job each, submitted with executorctl as soon as the
+    // DUT is ready: one PASS (ended by the reference's default
+    // session_end), one FAIL by pattern.
+    let ((pass_ip, pass), (fail_ip, fail)) = std::thread::scope(|s| {
         let pass = s.spawn(|| {
-            farm.run_job(
-                "pass",
-                &user_job(
-                    MACS[0],
-                    r#""b2c.container=\"docker://registry.example.invalid/busybox:latest sh -c 'uname -r; echo JOB_RESULT=pass'\"""#,
-                ),
-            )
+            let ip = trained(0);
+            let job = user_job(
+                MACS[0],
+                r#""b2c.container=\"docker://registry.example.invalid/busybox:latest sh -c 'uname -r; echo JOB_RESULT=pass'\"""#,
+                None,
+            );
+            (ip, farm.run_job("pass", &job))
         });
         let fail = s.spawn(|| {
-            farm.run_job(
-                "fail",
-                &user_job(MACS[1], r#""vivian.run=\"echo JOB_RESULT=fail; exit 3\"""#),
-            )
+            let ip = trained(1);
+            let job = user_job(
+                MACS[1],
+                r#""vivian.run=\"echo JOB_RESULT=fail; exit 3\"""#,
+                Some("^It's now safe to turn off your computer\\r?$"),
+            );
+            (ip, farm.run_job("fail", &job))
         });
         (pass.join().unwrap(), fail.join().unwrap())
     });
-    let jobs_time = jobs_started.elapsed();
-    // The DUTs go back to IDLE once the sessions are over.
-    for mac in MACS {
-        farm.wait_state(mac, "IDLE", Duration::from_secs(10));
+    for i in 0..MACS.len() {
+        states.wait_for(i, "IDLE", Duration::from_secs(20));
     }
-    stop.store(true, Ordering::Relaxed);
-    let states = watcher.join().unwrap();
+    let jobs_done = t0.elapsed();
+    let seen = states.finish();
 
     let (code, out) = pass;
     assert_eq!(code, Some(0), "the PASS job must exit 0:\n{out}");
     // A real boot: firmware, iPXE through our DHCP and boot.ipxe, Debian's
-    // kernel, our /init with the command's output.
+    // kernel, our /init with the command's output, the power-down line of
+    // the reference's default session_end.
     for want in [
         "SeaBIOS",
         "iPXE",
@@ -565,7 +723,8 @@ fn qemu_duts_netboot_and_run_user_jobs() {
         "-amd64\r\n",
         "JOB_RESULT=pass",
         "Execution is over, pipeline status: 0",
-        "vivian-dut: eth0 10.42.0.10 from 10.42.0.1",
+        format!("vivian-dut: eth0 {pass_ip} from {SERVER_IP}").as_str(),
+        "] reboot: Power Down\n",
     ] {
         assert!(
             out.contains(want),
@@ -577,13 +736,12 @@ fn qemu_duts_netboot_and_run_user_jobs() {
         out.contains(kernel_version.trim()),
         "uname -r is not Debian's kernel:\n{out}"
     );
-
     let (code, out) = fail;
     assert_eq!(code, Some(3), "the FAIL job must exit 3 (FAIL):\n{out}");
     for want in [
         "JOB_RESULT=fail",
         "Execution is over, pipeline status: 3",
-        "vivian-dut: eth0 10.42.0.11 from 10.42.0.1",
+        format!("vivian-dut: eth0 {fail_ip} from {SERVER_IP}").as_str(),
     ] {
         assert!(
             out.contains(want),
@@ -591,19 +749,49 @@ fn qemu_duts_netboot_and_run_user_jobs() {
         );
     }
 
-    for (mac, seen) in MACS.iter().zip(&states) {
+    // Every state each DUT went through, in order: created in training by
+    // its discovery boot's DHCP request, registering, then running
+    // qualifying loop 1, loop 2 (loop 1 passed), IDLE once loop 2 passed,
+    // the user job, IDLE ("loops" counts the loops started).
+    let expected = [
+        "TRAINING/ENROLLING registered=false loops=0 pass=0",
+        "TRAINING/ENROLLING registered=true loops=1 pass=0",
+        "TRAINING/ENROLLING registered=true loops=2 pass=1",
+        "IDLE",
+        "RUNNING",
+        "IDLE",
+    ];
+    // Allowed in between, if sampled: the moments between two training
+    // jobs, and a user job waiting for its DUT.
+    let optional = [
+        "TRAINING/ENROLLING registered=true loops=0 pass=0",
+        "TRAINING/ENROLLING registered=true loops=1 pass=1",
+        "TRAINING/ENROLLING registered=true loops=2 pass=2",
+        "QUEUED",
+    ];
+    for (mac, seen) in MACS.iter().zip(&seen) {
+        let mut it = seen.iter();
         assert!(
-            // The final IDLE is checked by wait_state above; the watcher
-            // may stop before sampling it.
-            seen.iter().any(|s| s == "RUNNING"),
-            "{mac} went through {seen:?}, expected IDLE, RUNNING, IDLE"
+            expected.iter().all(|w| it.any(|s| s == w)),
+            "{mac} went through {seen:#?}, expected {expected:#?} in that order"
         );
         assert!(
             seen.iter()
-                .all(|s| ["IDLE", "QUEUED", "RUNNING"].contains(&s.as_str())),
-            "{mac} went through {seen:?}"
+                .all(|s| expected.contains(&s.as_str()) || optional.contains(&s.as_str())),
+            "{mac} went through unexpected states: {seen:#?}"
+        );
+        assert_eq!(
+            seen.first().map(String::as_str),
+            Some(expected[0]),
+            "{mac}: {seen:#?}"
+        );
+        assert_eq!(
+            seen.last().map(String::as_str),
+            Some("IDLE"),
+            "{mac}: {seen:#?}"
         );
     }
+
     // The firmware asked our executor for its boot script.
     let executor_log = std::fs::read_to_string(farm.path("executor.log")).unwrap();
     for mac in MACS {
@@ -614,26 +802,30 @@ fn qemu_duts_netboot_and_run_user_jobs() {
             "{mac} never fetched boot.ipxe from the executor"
         );
     }
-
-    let first_lines = first_console_line_times(&farm.path("vpdu.log"));
+    // Each DUT booted 5 times: discovery, registration, 2 loops, user job.
+    let mut first_lines = first_console_line_times(&farm.path("vpdu.log"));
     assert!(
-        first_lines.len() >= 2,
-        "vpdu logged no first console line times:\n{}",
+        first_lines.len() >= 10,
+        "vpdu logged {} first console lines, expected one per boot (10):\n{}",
+        first_lines.len(),
         tail(&farm.path("vpdu.log"), 30)
     );
     drop(farm);
+    first_lines.sort_by(f64::total_cmp);
     let mut report = std::io::stderr().lock();
     let _ = writeln!(
         report,
-        "qemu_farm: wall time {:.1} s (image {:.1} s, two user jobs in parallel {:.1} s); \
-         power ON to first console line: {}",
+        "qemu_farm: wall time {:.1} s: image {:.1} s, farm up {:.1} s, both discovered {:.1} s, \
+         both user jobs done {:.1} s; power ON to first console line \
+         over {} boots: min {:.2} s, median {:.2} s, max {:.2} s",
         t0.elapsed().as_secs_f64(),
         built.as_secs_f64(),
-        jobs_time.as_secs_f64(),
-        first_lines
-            .iter()
-            .map(|s| format!("{s:.2} s"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        ready.as_secs_f64(),
+        discovered.as_secs_f64(),
+        jobs_done.as_secs_f64(),
+        first_lines.len(),
+        first_lines[0],
+        first_lines[first_lines.len() / 2],
+        first_lines[first_lines.len() - 1],
     );
 }
