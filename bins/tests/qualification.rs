@@ -45,6 +45,12 @@ struct Options {
     /// reads at every job).
     registration: String,
     bootloop: String,
+    /// `SERGENT_HARTMAN_QUICK_CHECK`.
+    quick_check: bool,
+    /// Bytes every console attachment yields first, as if the DUT had
+    /// printed them just before the job powered it on (see
+    /// [`StaleConsoles`]).
+    stale_console: Option<&'static [u8]>,
 }
 
 impl Options {
@@ -57,6 +63,8 @@ impl Options {
             retrial_delay: Duration::from_secs(1),
             registration: REGISTRATION_JOB.to_string(),
             bootloop: BOOTLOOP_JOB.to_string(),
+            quick_check: true,
+            stale_console: None,
         }
     }
 }
@@ -134,10 +142,17 @@ impl QualFarm {
         training.boot_count = opts.boot_count;
         training.qualifying_boot_count = opts.qualifying;
         training.registration_retrial_delay = opts.retrial_delay;
+        training.quick_check = opts.quick_check;
         let mut farm_opts = FarmOptions::new("qual");
         farm_opts.training = Some(training);
         let farm = Farm::new(db, pdus, farm_opts);
-        let console: Arc<dyn ConsoleSource> = Arc::new(InProcessConsoles::new(salad.clone()));
+        let mut console: Arc<dyn ConsoleSource> = Arc::new(InProcessConsoles::new(salad.clone()));
+        if let Some(stale) = opts.stale_console {
+            console = Arc::new(StaleConsoles {
+                inner: console,
+                stale,
+            });
+        }
         let job_env = [
             ("training_dut", "sim".to_string()),
             ("training_kernel_url", format!("{api}/artifacts/kernel")),
@@ -304,23 +319,34 @@ impl QualFarm {
     }
 
     /// The job log files of `kind` (`registration`, `bootloop`,
-    /// `quick_check`) for DUT `mac`.
+    /// `quick_check`) for DUT `mac`, oldest first (job ids end with their
+    /// start time).
     fn logs(&self, kind: &str, mac: &str) -> Vec<String> {
         let prefix = format!("{kind}-{}-", mac.replace(':', ""));
-        let mut out = Vec::new();
+        let mut names = Vec::new();
         if let Ok(rd) = std::fs::read_dir(self.dir.path().join("jobs")) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with(&prefix) {
-                    out.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+                    names.push((name, e.path()));
                 }
             }
         }
-        out
+        names.sort();
+        names
+            .into_iter()
+            .map(|(_, p)| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
     }
 
     /// Runs a user job on `id` with executorctl's client code.
     async fn user_job(&self, id: &str) -> JobStatus {
+        self.user_job_printing(id, "JOB_RESULT=PASS").await
+    }
+
+    /// Runs a user job on `id` whose DUT prints `line` (PASS when it is
+    /// `JOB_RESULT=PASS`).
+    async fn user_job_printing(&self, id: &str, line: &str) -> JobStatus {
         let text = format!(
             r#"version: 1
 target: {{id: "{id}"}}
@@ -335,7 +361,7 @@ deployment:
       url: "{api}/artifacts/kernel"
       cmdline:
         - "SALAD.machine_id={{{{ machine_id }}}}"
-        - 'vivian.cmd="print JOB_RESULT=PASS"'
+        - 'vivian.cmd="print {line}"'
         - "vivian.cmd=poweroff"
     initramfs:
       url: "{api}/artifacts/initrd"
@@ -349,6 +375,57 @@ deployment:
         tokio::time::timeout(Duration::from_secs(60), run_job(&opts))
             .await
             .expect("the user job ends in time")
+    }
+}
+
+/// A console source whose every attachment first yields `stale`: what a
+/// DUT printed in an earlier boot and the console still held when a job
+/// attached (the discovery boot's "MaRS: Registration complete" while the
+/// registration job powers the machine off, a previous job's last lines
+/// still in SALAD's buffers).
+struct StaleConsoles {
+    inner: Arc<dyn ConsoleSource>,
+    stale: &'static [u8],
+}
+
+#[async_trait::async_trait]
+impl ConsoleSource for StaleConsoles {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    async fn machines(
+        &self,
+    ) -> Result<Vec<vivian_core::console::ConsoleMachine>, vivian_core::console::ConsoleError> {
+        self.inner.machines().await
+    }
+    async fn machine(
+        &self,
+        machine_id: &str,
+    ) -> Result<vivian_core::console::ConsoleMachine, vivian_core::console::ConsoleError> {
+        self.inner.machine(machine_id).await
+    }
+    async fn attach(
+        &self,
+        machine_id: &str,
+    ) -> Result<vivian_core::console::ConsoleAttachment, vivian_core::console::ConsoleError> {
+        use tokio::io::AsyncReadExt;
+        let mut a = self.inner.attach(machine_id).await?;
+        a.reader = Box::new(std::io::Cursor::new(self.stale).chain(a.reader));
+        Ok(a)
+    }
+    async fn reset(
+        &self,
+        machine_id: &str,
+    ) -> Result<vivian_core::console::ResetOutcome, vivian_core::console::ConsoleError> {
+        self.inner.reset(machine_id).await
+    }
+    async fn read_log(
+        &self,
+        machine_id: &str,
+        offset: u64,
+        max_len: usize,
+    ) -> Result<vivian_core::console::LogChunk, vivian_core::console::ConsoleError> {
+        self.inner.read_log(machine_id, offset, max_len).await
     }
 }
 
@@ -677,6 +754,67 @@ async fn hand_edited_marsdb_flaky_dut_and_failed_registration() {
         .await;
     assert!(seen.contains(&"QUICK_CHECK".to_string()), "{seen:?}");
     let status = f.user_job(&b).await;
+    assert_eq!(status, JobStatus::Pass, "{}", f.dump_logs());
+    f.stop().await;
+}
+
+/// What the console held before a job powered its DUT on decides nothing:
+/// a success line and a session end printed by an earlier boot are shown
+/// but not matched, for Sergent Hartman's registration (which must then
+/// fail, as the real boot does, and be retried) and for user jobs.
+#[tokio::test]
+async fn console_lines_from_before_the_power_on_are_not_matched() {
+    let ready = outlet_mac(0);
+    let fresh = outlet_mac(1);
+    let marsdb = format!(
+        "pdus:\n  VPDU:\n    driver: vpdu\n    config:\n      hostname: '@VPDU@'\nduts:\n\
+         \x20 {ready}:\n    base_name: ready\n    ip_address: 127.0.0.1\n    tags: [sim]\n    pdu: VPDU\n    pdu_port_id: '0'\n    pdu_off_delay: 0.1\n    ready_for_service: true\n\
+         \x20 {fresh}:\n    base_name: fresh\n    ip_address: 127.0.0.1\n    tags: [sim]\n    pdu: VPDU\n    pdu_port_id: '1'\n    pdu_off_delay: 0.1\n\
+         gitlab: {{}}\n"
+    );
+    let mut opts = Options::new(&marsdb);
+    opts.quick_check = false;
+    opts.retrial_delay = Duration::from_secs(30);
+    // The real registration boot fails (the executor refuses a field)...
+    opts.registration = REGISTRATION_JOB.replace("ip_address=@IP@\"", "ip_address=@IP@ bogus=1\"");
+    assert_ne!(opts.registration, REGISTRATION_JOB);
+    // ... but the console still holds the end of a successful one (both
+    // template variants' success lines and session ends), and a user job's
+    // success line.
+    const STALE: &[u8] = b"MaRS: Registration complete\r\nSIMDUT.http_status=200\r\n\
+        JOB_RESULT=PASS\r\nreboot: Power down\r\nMaRS: Registration comp";
+    opts.stale_console = Some(STALE);
+    let f = QualFarm::start(opts).await;
+
+    let (d, _) = f
+        .wait(&fresh, "registration failed", 30, |d| {
+            d["training"]["state"] == "REGISTRATION_FAILED"
+        })
+        .await;
+    assert_eq!(d["state"], "TRAINING", "{d}");
+    assert_eq!(d["training"]["is_registered"], false, "{d}");
+    let logs = f.logs("registration", &fresh);
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let log = &logs[0];
+    // The stale lines are in the log, before the power-on, and said to be
+    // ignored; the real boot's answer decided.
+    assert!(log.contains("SIMDUT.http_status=200"), "{log}");
+    assert!(
+        log.contains("bytes of console output from before the power-on were not matched"),
+        "{log}"
+    );
+    assert!(log.contains("SIMDUT.http_status=400"), "{log}");
+    assert!(log.contains("session end: FAIL"), "{log}");
+
+    // A user job: the DUT's real boot prints a failure.
+    f.wait(&ready, "IDLE", 10, state_is("IDLE")).await;
+    let status = f.user_job_printing(&ready, "JOB_RESULT=FAIL").await;
+    assert_eq!(status, JobStatus::Fail, "{}", f.dump_logs());
+    f.wait(&ready, "IDLE after the job", 10, state_is("IDLE"))
+        .await;
+    // And one whose boot passes still passes (the stale partial line does
+    // not swallow the new boot's first line).
+    let status = f.user_job(&ready).await;
     assert_eq!(status, JobStatus::Pass, "{}", f.dump_logs());
     f.stop().await;
 }

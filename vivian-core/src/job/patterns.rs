@@ -267,12 +267,19 @@ impl ConsoleMatcher {
         &self.patterns
     }
 
-    /// Starts a new boot: clears the reboot request, cancels the watchdogs
-    /// and waits again for a newline before counting activity.
+    /// Starts a new boot: clears the reboot request, cancels the watchdogs,
+    /// waits again for a newline before counting activity and drops any
+    /// partial line left by the previous boot (a line the DUT had not
+    /// finished when it lost power never joins the new boot's first line).
+    ///
+    /// Call it when the DUT has just been powered on; console bytes from
+    /// before that moment must not be fed at all (they belong to no boot of
+    /// the job).
     pub fn reset_per_boot(&mut self) {
         self.reboot_requested = false;
         self.running_watchdogs.clear();
         self.seen_newline = false;
+        self.partial.clear();
     }
 
     /// Feeds console bytes; complete lines are matched, a trailing partial
@@ -434,5 +441,42 @@ pub fn verdict(
         (true, true, false, _) => JobStatus::Fail,
         (true, true, true, false) => JobStatus::Pass,
         (true, true, true, true) => JobStatus::Warn,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patterns() -> ConsolePatterns {
+        ConsolePatterns {
+            session_end: Pattern::new("^MaRS: Registration .*$").unwrap(),
+            session_reboot: None,
+            job_success: Some(Pattern::new("^MaRS: Registration complete$").unwrap()),
+            job_warn: None,
+            machine_unfit_for_service: None,
+            watchdogs: IndexMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_new_boot_drops_the_partial_line_of_the_previous_one() {
+        let mut m = ConsoleMatcher::new(patterns(), Vec::<String>::new());
+        // The DUT lost power in the middle of a line.
+        assert!(m.feed(b"MaRS: Registration com").matches.is_empty());
+        m.reset_per_boot();
+        let f = m.feed(b"plete\nMaRS: Registration failed\n");
+        assert_eq!(f.matches.len(), 1, "{f:?}");
+        assert_eq!(f.matches[0].line, b"MaRS: Registration failed\n");
+        assert_eq!(m.status(), JobStatus::Fail);
+    }
+
+    #[test]
+    fn a_partial_line_joins_the_next_bytes_within_a_boot() {
+        let mut m = ConsoleMatcher::new(patterns(), Vec::<String>::new());
+        assert!(m.feed(b"MaRS: Registration com").matches.is_empty());
+        let f = m.feed(b"plete\n");
+        assert_eq!(f.matches.len(), 1);
+        assert_eq!(m.status(), JobStatus::Pass);
     }
 }
