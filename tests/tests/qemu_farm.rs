@@ -7,6 +7,14 @@
 //! qemu-system-x86 and ipxe-qemu); the image needs apt-get download (the
 //! first run only; it is cached under /var/tmp/vivian-dut-image).
 //!
+//! One test, `qemu_duts_are_discovered_trained_and_run_user_jobs`, covers
+//! a farm's whole life (discovery, registration, training with the stock
+//! templates, a PASS and a FAIL user job): each VM boots 5 times, about
+//! 20 s each under TCG, so one test rather than several keeps CI fast.
+//! `--nocapture` shows its timings (wall time, power ON to the first
+//! console line); `QEMU_FARM_KEEP_LOGS=1` keeps the logs and consoles of a
+//! passing run too (a failing run always keeps them, in the temp dir).
+//!
 //! Everything runs in a network namespace of this test's own thread
 //! (`unshare(CLONE_NEWNET)`): it is anonymous and disappears with the
 //! processes started in it, which are all stopped at the end (or on a
@@ -344,6 +352,18 @@ fn start_farm(image: &Path, mars_db: &str, extra_env: &[(&str, &str)]) -> Farm {
             .expect("vpdu starts"),
     });
 
+    // The executor starts with the PDU reachable (it retries otherwise,
+    // but a discovery before it has the ports is refused).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", VPDU_PORT)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "vpdu never listened on 127.0.0.1:{VPDU_PORT}:\n{}",
+            tail(&d.join("vpdu.log"), 20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let db = d.join("mars_db.yaml");
     std::fs::write(&db, mars_db).unwrap();
     let mut executor = Command::new(bin("executor"));
@@ -607,6 +627,26 @@ fn qemu_duts_are_discovered_trained_and_run_user_jobs() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
+
+    // The executor knows the PDU's outlets (a discovery is refused before).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pdu = farm.get("/api/v1/pdu/VPDU");
+        let ports = &pdu["ports"];
+        let n = ports
+            .as_object()
+            .map(|o| o.len())
+            .or_else(|| ports.as_array().map(Vec::len))
+            .unwrap_or(0);
+        if n >= MACS.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the executor does not know VPDU's outlets after 30 s: {pdu}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Discovery, one outlet at a time (one discovery runs at once): the
     // machine exists, on its outlet, once it has netbooted.
