@@ -113,6 +113,12 @@ where
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn create_bucket(&self, bucket: &BucketName) -> Result<(), StorageError> {
+        // AWS in us-east-1 (and moto) answer 200 to creating a bucket the
+        // caller already owns: look first, so that a job never takes over
+        // another job's bucket.
+        if self.bucket_exists(bucket).await? {
+            return Err(StorageError::AlreadyExists(format!("the bucket {bucket}")));
+        }
         self.client
             .create_bucket()
             .bucket(bucket.as_str())

