@@ -208,6 +208,15 @@ async fn main() {
     let jobs = env_usize("BENCH_JOBS", 100);
     let lines = env_usize("BENCH_LINES", 500);
     let interval_ms = env_usize("BENCH_LINE_INTERVAL_MS", 5);
+    // RUST_LOG=debug (for example) shows where the time goes, each event
+    // with its time stamp (µs) and span.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_writer(std::io::stderr)
+            .init();
+    }
 
     let (on_tx, mut on_rx) = mpsc::unbounded_channel::<(u16, Instant)>();
     let on_tx = Arc::new(Mutex::new(on_tx));

@@ -29,7 +29,14 @@
 //! quick checks, [`JobRunner::run_internal_job`]) run the same session
 //! without a client: there is no callback connection, everything goes to
 //! the job's log file (and a bounded copy of its end is returned with the
-//! verdict), and `machine_unfit_for_service` is left to the caller.
+//! verdict), and `machine_unfit_for_service` is left to the caller. With
+//! `SERGENT_HARTMAN_QUIET` ([`InternalJob::quiet`]) they write no log file
+//! and log at debug level only.
+//!
+//! Only the console output that follows a boot's power-on is matched
+//! against the job's patterns: what the console yields before (the end of
+//! an earlier boot still in its buffers, output while the port is being
+//! switched) goes to the client and the log but decides nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -161,6 +168,7 @@ impl JobRunner for JobEngine {
                 cancel: job.cancel,
             },
             internal: Some(Internal {
+                quiet: job.quiet,
                 vars: job.vars,
                 capture: Arc::new(Mutex::new(Capture::default())),
                 report: Mutex::new(Some(tx)),
@@ -178,6 +186,8 @@ impl JobRunner for JobEngine {
 
 /// What a job the farm runs itself (no client) adds to a session.
 struct Internal {
+    /// `SERGENT_HARTMAN_QUIET`: no job log file, messages at debug level.
+    quiet: bool,
     /// Extra template variables.
     vars: BTreeMap<String, serde_json::Value>,
     /// The end of the log, and whether the console said anything.
@@ -364,7 +374,11 @@ impl Session {
             if let Some(tx) = internal.report.lock().unwrap().take() {
                 let _ = tx.send(report);
             }
-            tracing::info!("job over");
+            if internal.quiet {
+                tracing::debug!("job over");
+            } else {
+                tracing::info!("job over");
+            }
             return;
         }
         let unfit = matches!(outcome, Some(Outcome::Verdict { unfit: true, .. }));
@@ -404,6 +418,7 @@ impl Session {
         let (client_read, client_write) = match client {
             None => (None, None),
             Some(Ok(s)) => {
+                tracing::debug!("connected back to the client");
                 let (r, w) = s.into_split();
                 (Some(r), Some(w))
             }
@@ -412,15 +427,19 @@ impl Session {
                 (None, None)
             }
         };
-        let (log_path, log) = open_log(
-            &self.options.log_dir,
-            &format!(
-                "{}.{}",
-                safe_file_name(&sub.job_id),
-                dut.to_string().replace(':', "")
-            ),
-        )
-        .await;
+        let (log_path, log) = if self.internal.as_ref().is_some_and(|i| i.quiet) {
+            (PathBuf::from("none, SERGENT_HARTMAN_QUIET"), None)
+        } else {
+            open_log(
+                &self.options.log_dir,
+                &format!(
+                    "{}.{}",
+                    safe_file_name(&sub.job_id),
+                    dut.to_string().replace(':', "")
+                ),
+            )
+            .await
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let capture = self.internal.as_ref().map(|i| i.capture.clone());
         let pump = tokio::spawn(pump_messages(rx, client_write, log, capture));
@@ -542,6 +561,7 @@ impl Session {
                 return Outcome::SetupFail;
             }
         };
+        tracing::debug!("job rendered and parsed");
         *teardown_limit = job.timeouts.infra_teardown.duration();
         if job.is_past(chrono::Utc::now()) {
             report.error(
@@ -578,6 +598,7 @@ impl Session {
                 return Outcome::SetupFail;
             }
         };
+        tracing::debug!("console attached");
         let mut console_read = attachment.reader;
         let mut console_write = attachment.writer;
 

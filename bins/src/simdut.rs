@@ -152,12 +152,23 @@ impl SimDutConfig {
 pub struct SimDut {
     config: SimDutConfig,
     run: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    http: HttpClients,
 }
+
+/// The firmware's HTTP clients of a machine, one per local address, made
+/// once: a client loads the system's CA certificates when it is built
+/// (milliseconds of CPU), which every boot would otherwise pay.
+type HttpClients =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, reqwest::Client>>>;
 
 impl SimDut {
     /// A powered-off machine.
     pub fn new(config: SimDutConfig) -> Self {
-        SimDut { config, run: None }
+        SimDut {
+            config,
+            run: None,
+            http: HttpClients::default(),
+        }
     }
 
     /// The machine's configuration.
@@ -178,11 +189,12 @@ impl SimDut {
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let config = self.config.clone();
+        let http = self.http.clone();
         let handle = tokio::spawn(async move {
             let mac = config.mac.clone();
             let mut stop = stop_rx;
             tokio::select! {
-                _ = boot(config) => {}
+                _ = boot(config, http) => {}
                 _ = stop.wait_for(|s| *s) => {}
             }
             tracing::debug!(mac = %mac, "simulated DUT stopped");
@@ -717,7 +729,27 @@ impl Console {
     }
 }
 
-async fn boot(mut config: SimDutConfig) {
+/// The firmware's HTTP client for `local_ip` (see [`HttpClients`]). No
+/// connection is kept between requests, as a firmware keeps none across
+/// boots.
+fn http_client(
+    clients: &HttpClients,
+    local_ip: Option<IpAddr>,
+) -> reqwest::Result<reqwest::Client> {
+    let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = clients.get(&local_ip) {
+        return Ok(c.clone());
+    }
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .local_address(local_ip)
+        .pool_max_idle_per_host(0)
+        .build()?;
+    clients.insert(local_ip, c.clone());
+    Ok(c)
+}
+
+async fn boot(mut config: SimDutConfig, http: HttpClients) {
     let mut boot_url = format!(
         "{}/boot/{}/boot.ipxe?platform={}&buildarch={}",
         config.executor_url, config.mac, config.platform, config.buildarch
@@ -759,11 +791,7 @@ async fn boot(mut config: SimDutConfig) {
             lease.bootfile.as_deref().unwrap_or("none")
         ));
     }
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .local_address(local_ip)
-        .build()
-    {
+    let client = match http_client(&http, local_ip) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("simulated DUT {}: HTTP client: {e}", config.mac);
