@@ -47,6 +47,8 @@ struct Options {
     bootloop: String,
     /// `SERGENT_HARTMAN_QUICK_CHECK`.
     quick_check: bool,
+    /// `SERGENT_HARTMAN_QUIET`.
+    quiet: bool,
     /// Bytes every console attachment yields first, as if the DUT had
     /// printed them just before the job powered it on (see
     /// [`StaleConsoles`]).
@@ -64,6 +66,7 @@ impl Options {
             registration: REGISTRATION_JOB.to_string(),
             bootloop: BOOTLOOP_JOB.to_string(),
             quick_check: true,
+            quiet: false,
             stale_console: None,
         }
     }
@@ -143,6 +146,7 @@ impl QualFarm {
         training.qualifying_boot_count = opts.qualifying;
         training.registration_retrial_delay = opts.retrial_delay;
         training.quick_check = opts.quick_check;
+        training.quiet = opts.quiet;
         let mut farm_opts = FarmOptions::new("qual");
         farm_opts.training = Some(training);
         let farm = Farm::new(db, pdus, farm_opts);
@@ -816,5 +820,52 @@ async fn console_lines_from_before_the_power_on_are_not_matched() {
     // not swallow the new boot's first line).
     let status = f.user_job(&ready).await;
     assert_eq!(status, JobStatus::Pass, "{}", f.dump_logs());
+    f.stop().await;
+}
+
+/// `SERGENT_HARTMAN_QUIET`: training jobs write no job log file (the
+/// reference sends their output to /dev/null), but the log of a loop that
+/// failed is still kept and served, and user jobs still get their log.
+#[tokio::test]
+async fn quiet_training_writes_no_job_logs_but_keeps_failed_loops() {
+    let dut = outlet_mac(0);
+    let marsdb = format!(
+        "pdus:\n  VPDU:\n    driver: vpdu\n    config:\n      hostname: '@VPDU@'\nduts:\n\
+         \x20 {dut}:\n    base_name: quiet\n    ip_address: 127.0.0.1\n    tags: [sim]\n    pdu: VPDU\n    pdu_port_id: '0'\n    pdu_off_delay: 0.1\n\
+         gitlab: {{}}\n"
+    );
+    let mut opts = Options::new(&marsdb);
+    opts.quiet = true;
+    opts.quick_check = false;
+    // Loop 1 fails, loop 2 passes: 1 PASS of 2 qualifies.
+    opts.qualifying = 1;
+    opts.bootloop = BOOTLOOP_JOB.replace(
+        "/api/v1/dut/@MAC@\"",
+        "/api/v1/dut/@MAC@{% if training_loop == 1 %}/broken{% endif %}\"",
+    );
+    assert_ne!(opts.bootloop, BOOTLOOP_JOB);
+    let f = QualFarm::start(opts).await;
+
+    // Loop 1 failed: its log is kept and served while loop 2 runs (at
+    // least the port's 0.1 s off time).
+    f.wait(&dut, "a failed loop", 60, |d| {
+        d["training"]["loops"][0]["has_log"] == true
+    })
+    .await;
+    let (s, log) = f.get(&format!("/api/v1/dut/{dut}/training/loop/0")).await;
+    assert_eq!(s, 200, "{log}");
+    assert!(log.contains("SIMDUT.http_status=404"), "{log}");
+    let (d, _) = f.wait(&dut, "trained", 60, state_is("IDLE")).await;
+    assert_eq!(d["ready_for_service"], true, "{d}");
+    for kind in ["registration", "bootloop", "quick_check"] {
+        assert_eq!(f.logs(kind, &dut), Vec::<String>::new(), "{kind}");
+    }
+    // A user job still writes its log file.
+    let status = f.user_job(&dut).await;
+    assert_eq!(status, JobStatus::Pass);
+    let files = std::fs::read_dir(f.dir.path().join("jobs"))
+        .map(|rd| rd.count())
+        .unwrap_or(0);
+    assert_eq!(files, 1, "only the user job's log");
     f.stop().await;
 }

@@ -186,6 +186,10 @@ pub struct InternalJob {
     pub vars: BTreeMap<String, serde_json::Value>,
     /// Cancelling it.
     pub cancel: CancelToken,
+    /// `SERGENT_HARTMAN_QUIET`: the job leaves nothing in the executor's
+    /// output (its messages are logged at debug level) and writes no job
+    /// log file; its report still carries the end of its log.
+    pub quiet: bool,
 }
 
 /// How an [`InternalJob`] ended.

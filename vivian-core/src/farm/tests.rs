@@ -488,6 +488,8 @@ struct Call {
     state: DutState,
     training: TrainingInfo,
     at: std::time::Instant,
+    /// `SERGENT_HARTMAN_QUIET` as the job received it.
+    quiet: bool,
 }
 
 /// What the scripted engine answers: a status, or `None` to run until
@@ -550,6 +552,7 @@ impl JobRunner for ScriptedEngine {
             state: v.duts[&job.dut].state,
             training: v.duts[&job.dut].training.clone(),
             at: std::time::Instant::now(),
+            quiet: job.quiet,
         };
         let before = self.count(&call.training_kind);
         let status = (self.script)(&call, before);
@@ -650,6 +653,7 @@ async fn training_registers_runs_the_loops_and_qualifies() {
     );
     for c in engine.calls_for(MAC3) {
         assert_eq!(c.kind, JobKind::Training);
+        assert!(!c.quiet, "SERGENT_HARTMAN_QUIET is off by default");
         assert_eq!(c.state, DutState::Training, "{c:?}");
         assert_eq!(c.training.state, TrainingState::Enrolling);
         let p = c.training.progress.unwrap();
@@ -897,5 +901,51 @@ async fn a_negative_boot_count_disables_training_and_quick_checks() {
     })
     .await;
     assert!(engine.calls().is_empty(), "{:?}", engine.calls());
+    farm.shutdown().await;
+}
+
+/// `SERGENT_HARTMAN_QUIET` reaches the engine with every registration,
+/// boot-loop and quick-check job (the engine then writes no job log file
+/// and logs at debug level).
+#[tokio::test]
+async fn quiet_reaches_every_training_and_quick_check_job() {
+    let env: std::collections::BTreeMap<String, String> = [
+        ("FARM_NAME", "farm"),
+        ("SERGENT_HARTMAN_QUIET", "true"),
+        ("SERGENT_HARTMAN_BOOT_COUNT", "1"),
+        ("SERGENT_HARTMAN_QUALIFYING_BOOT_COUNT", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let config = crate::config::Config::from_env_map(&env).unwrap();
+    let mut t = TrainingOptions::from_config(&config, "registration", "bootloop");
+    assert!(
+        t.quiet,
+        "SERGENT_HARTMAN_QUIET=true must set TrainingOptions::quiet"
+    );
+    t.registration_retrial_delay = Duration::from_millis(300);
+    let mut o = FarmOptions::new("farm");
+    o.training = Some(t);
+    let engine = ScriptedEngine::new(|_, _| Some(PASS));
+    let (farm, db) = farm_with(o, Some(engine.clone())).await;
+    // MAC1 is ready: its start-up quick check runs; MAC3 trains.
+    add_untrained(&db).await;
+    wait_long("MAC3 trained", || {
+        farm.dut_state(&mac(MAC3)) == Some(DutState::Idle)
+            && farm.dut_state(&mac(MAC1)) == Some(DutState::Idle)
+    })
+    .await;
+    let calls = engine.calls();
+    let kinds: Vec<_> = calls.iter().map(|c| c.training_kind.as_str()).collect();
+    for k in ["quick_check", "registration", "bootloop"] {
+        assert!(kinds.contains(&k), "{kinds:?}");
+    }
+    assert!(calls.iter().all(|c| c.quiet), "{calls:?}");
+
+    let env: std::collections::BTreeMap<String, String> =
+        [("FARM_NAME".to_string(), "farm".to_string())].into();
+    let config = crate::config::Config::from_env_map(&env).unwrap();
+    assert!(!TrainingOptions::from_config(&config, "r", "b").quiet);
     farm.shutdown().await;
 }

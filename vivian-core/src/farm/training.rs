@@ -90,6 +90,13 @@ pub struct TrainingOptions {
     /// The longest log kept in memory for a loop that did not pass (its
     /// end is kept). The full log is in the job's log file.
     pub max_loop_log: usize,
+    /// `SERGENT_HARTMAN_QUIET`: the registration, boot-loop and quick-check
+    /// jobs leave nothing in the executor's output (their messages are
+    /// logged at debug level) and write no job log file. The logs of loops
+    /// that did not pass are still kept in memory and served. Sergent
+    /// Hartman's own outcomes (a registration or training that failed, a
+    /// DUT qualified) are still logged.
+    pub quiet: bool,
 }
 
 impl TrainingOptions {
@@ -104,6 +111,7 @@ impl TrainingOptions {
             registration_job,
             bootloop_job,
             max_loop_log: 1024 * 1024,
+            quiet: false,
         }
     }
 
@@ -126,6 +134,7 @@ impl TrainingOptions {
             registration_job: pick(&config.executor_registration_job, builtin_registration),
             bootloop_job: pick(&config.executor_bootloop_job, builtin_bootloop),
             max_loop_log: 1024 * 1024,
+            quiet: config.sergent_hartman_quiet,
         }
     }
 
@@ -390,7 +399,11 @@ impl Sergent {
             Ok(c) => c,
             Err(e) => return (job_id, RunOutcome::NotStarted(e.to_string())),
         };
-        tracing::info!(job = %job_id, "starting the {what} job");
+        if self.opts.quiet {
+            tracing::debug!(job = %job_id, "starting the {what} job");
+        } else {
+            tracing::info!(job = %job_id, "starting the {what} job");
+        }
         let vars = BTreeMap::from([
             (VAR_TRAINING_KIND.to_string(), Value::from(what)),
             (VAR_TRAINING_LOOP.to_string(), Value::from(loop_no)),
@@ -402,12 +415,17 @@ impl Sergent {
             job_text: text,
             vars,
             cancel,
+            quiet: self.opts.quiet,
         };
         let runner = self.farm.job_runner();
         let out = match runner.run_internal_job(self.farm.clone(), job).await {
             Ok(r) if r.status.is_none() => RunOutcome::Cancelled,
             Ok(r) => {
-                tracing::info!(job = %job_id, "the {what} job ended with {}", status_name(&r));
+                if self.opts.quiet {
+                    tracing::debug!(job = %job_id, "the {what} job ended with {}", status_name(&r));
+                } else {
+                    tracing::info!(job = %job_id, "the {what} job ended with {}", status_name(&r));
+                }
                 RunOutcome::Ended(r)
             }
             Err(e) => RunOutcome::NotStarted(e.to_string()),
