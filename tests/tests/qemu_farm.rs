@@ -810,6 +810,11 @@ fn qemu_duts_are_discovered_trained_and_run_user_jobs() {
         "QUEUED",
     ];
     for (mac, seen) in MACS.iter().zip(&seen) {
+        // Created, before Sergent Hartman published its progress.
+        let seen = match seen.split_first() {
+            Some((first, rest)) if first == "TRAINING" => rest,
+            _ => &seen[..],
+        };
         let mut it = seen.iter();
         assert!(
             expected.iter().all(|w| it.any(|s| s == w)),
