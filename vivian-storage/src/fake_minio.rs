@@ -2,7 +2,9 @@
 //! object-storage.md §1.3), for tests: it verifies SigV4 signatures and the
 //! `X-Amz-Content-Sha256` body hash, decrypts and encrypts bodies as MinIO
 //! does, and keeps users, policies and groups in memory. Its faithfulness
-//! is checked against real admin clients (Python `minio`'s `MinioAdmin`).
+//! is checked against real admin clients (Python `minio`'s `MinioAdmin`,
+//! Go `madmin-go` as Debian packages it). Besides the calls the backend
+//! makes, it serves `list-users` (encrypted answer) and `group` for them.
 //!
 //! Attach/detach answer in the current protocol (200 + encrypted body)
 //! when the request has `Content-Type: application/octet-stream`, in the
@@ -61,6 +63,21 @@ impl std::fmt::Debug for FakeMinio {
             .field("url", &self.url.as_str())
             .finish()
     }
+}
+
+/// `user-info`'s JSON for a user.
+fn user_info(st: &FakeState, ak: &str, u: &FakeUser) -> Value {
+    let member_of: Vec<&String> = st
+        .groups
+        .iter()
+        .filter(|(_, m)| m.contains(ak))
+        .map(|(g, _)| g)
+        .collect();
+    let mut v = json!({"policyName": u.policies.join(","), "status": u.status, "updatedAt": "2026-01-01T00:00:00Z"});
+    if !member_of.is_empty() {
+        v["memberOf"] = json!(member_of);
+    }
+    v
 }
 
 struct Server {
@@ -284,16 +301,35 @@ impl Server {
                         "The specified user does not exist.",
                     );
                 };
-                let member_of: Vec<&String> = st
-                    .groups
+                let v = user_info(&st, &ak, u);
+                reply(StatusCode::OK, v.to_string().into_bytes())
+            }
+            ("GET", "list-users") => {
+                // Encrypted with the caller's secret, as MinIO does.
+                let all: serde_json::Map<String, Value> = st
+                    .users
                     .iter()
-                    .filter(|(_, m)| m.contains(&ak))
-                    .map(|(g, _)| g)
+                    .map(|(ak, u)| (ak.clone(), user_info(&st, ak, u)))
                     .collect();
-                let mut v = json!({"policyName": u.policies.join(","), "status": u.status, "updatedAt": "2026-01-01T00:00:00Z"});
-                if !member_of.is_empty() {
-                    v["memberOf"] = json!(member_of);
-                }
+                reply(
+                    StatusCode::OK,
+                    sio::encrypt(
+                        &secret,
+                        Value::Object(all).to_string().as_bytes(),
+                        sio::Algorithm::Argon2idAesGcm,
+                    ),
+                )
+            }
+            ("GET", "group") => {
+                let name = q("group");
+                let Some(members) = st.groups.get(&name) else {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "XMinioAdminNoSuchGroup",
+                        "The specified group does not exist.",
+                    );
+                };
+                let v = json!({"name": name, "status": "enabled", "members": members, "policy": "", "updatedAt": "2026-01-01T00:00:00Z"});
                 reply(StatusCode::OK, v.to_string().into_bytes())
             }
             ("PUT", "update-group-members") => {

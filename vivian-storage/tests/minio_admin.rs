@@ -173,3 +173,119 @@ async fn the_fake_serves_python_minio_admin() {
         .calls
         .contains(&"POST idp/builtin/policy/attach".to_string()));
 }
+
+/// Builds `tests/madmin-go` (a Go program using madmin-go) offline from
+/// Debian's packages: `golang-go` and `golang-github-minio-madmin-go-dev`
+/// (GOPATH mode on /usr/share/gocode, no module download). Returns the
+/// binary, cached under the target directory.
+fn build_madmin_check() -> std::path::PathBuf {
+    let gocode = std::path::Path::new("/usr/share/gocode");
+    assert!(
+        gocode.join("src/github.com/minio/madmin-go").is_dir(),
+        "madmin-go is needed: install the Debian package golang-github-minio-madmin-go-dev"
+    );
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("madmin-go");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let bin = tmp.join("madmin-check");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/madmin-go"))
+        .env("GOPATH", gocode)
+        .env("GO111MODULE", "off")
+        .env("GOPROXY", "off")
+        .env("GOFLAGS", "")
+        .env("GOTOOLCHAIN", "local")
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", tmp.join("cache"))
+        .env("HOME", &tmp)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run go (install the Debian package golang-go): {e}"));
+    assert!(
+        out.status.success(),
+        "go build of tests/madmin-go failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
+/// The fake answers madmin-go (a second real client, the Go library MinIO's
+/// own `mc` uses, as Debian bookworm packages it: 2.0.7): its signatures
+/// and encrypted bodies are accepted, it reads the fake's encrypted
+/// `list-users` answer, and its legacy attach/detach (no Content-Type)
+/// gets the legacy answers it expects (201/204).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_serves_go_madmin() {
+    let bin = tokio::task::spawn_blocking(build_madmin_check)
+        .await
+        .unwrap();
+    let fake = FakeMinio::start(root()).await.unwrap();
+    let host = format!(
+        "{}:{}",
+        fake.url.host_str().unwrap(),
+        fake.url.port().unwrap()
+    );
+    let r = root();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .args([&host, &r.access_key, r.secret_key.expose()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["group"]["name"], "gogroup", "{v}");
+    assert_eq!(v["group"]["members"], serde_json::json!(["gouser"]), "{v}");
+    assert_eq!(v["info"]["policyName"], "gopolicy", "{v}");
+    assert_eq!(v["info"]["memberOf"], serde_json::json!(["gogroup"]), "{v}");
+    assert_eq!(v["info"]["status"], "enabled", "{v}");
+    // Decrypted by the Go client from the fake's encrypted answer.
+    assert_eq!(v["users"]["gouser"]["policyName"], "gopolicy", "{v}");
+    assert_eq!(
+        v["users"]["gouser"]["memberOf"],
+        serde_json::json!(["gogroup"]),
+        "{v}"
+    );
+    assert_eq!(v["own_info"]["status"], "enabled", "{v}");
+    assert!(
+        v["bad"]
+            .as_str()
+            .unwrap()
+            .contains("signature we calculated does not match"),
+        "{v}"
+    );
+    assert!(
+        v["after_remove"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not exist"),
+        "{v}"
+    );
+    let st = fake.state.lock().unwrap();
+    assert!(st.users.is_empty() && st.policies.is_empty(), "{st:?}");
+    assert!(st.groups["gogroup"].is_empty(), "{st:?}");
+    for call in [
+        "PUT add-user",
+        "PUT add-canned-policy",
+        "POST idp/builtin/policy/attach",
+        "PUT update-group-members",
+        "GET group",
+        "GET list-users",
+        "POST idp/builtin/policy/detach",
+        "DELETE remove-canned-policy",
+        "DELETE remove-user",
+    ] {
+        assert!(
+            st.calls.contains(&call.to_string()),
+            "{call}: {:?}",
+            st.calls
+        );
+    }
+}
