@@ -45,6 +45,9 @@ pub struct FakeState {
     pub groups: BTreeMap<String, BTreeSet<String>>,
     /// Every call, as `METHOD path` (for tests).
     pub calls: Vec<String>,
+    /// The `Host` headers of the authenticated calls (signed, since the
+    /// signature must include `host`).
+    pub hosts: BTreeSet<String>,
 }
 
 /// A running fake MinIO admin server.
@@ -221,11 +224,12 @@ impl Server {
             Err(r) => return *r,
         };
         let call = call.to_string();
-        self.state
-            .lock()
-            .unwrap()
-            .calls
-            .push(format!("{method} {call}"));
+        {
+            let mut st = self.state.lock().unwrap();
+            st.calls.push(format!("{method} {call}"));
+            let host = headers.get("host").and_then(|v| v.to_str().ok());
+            st.hosts.insert(host.unwrap_or("").to_string());
+        }
         let is_root = caller == self.root.access_key;
         // A user may only read its own user-info.
         if !(is_root || (call == "user-info" && q("accessKey") == caller)) {
