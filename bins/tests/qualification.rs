@@ -848,12 +848,21 @@ async fn quiet_training_writes_no_job_logs_but_keeps_failed_loops() {
 
     // Loop 1 failed: its log is kept and served while loop 2 runs (at
     // least the port's 0.1 s off time).
-    f.wait(&dut, "a failed loop", 60, |d| {
-        d["training"]["loops"][0]["has_log"] == true
-    })
-    .await;
+    let (d, _) = f
+        .wait(&dut, "a failed loop", 60, |d| {
+            d["training"]["loops"][0]["has_log"] == true
+        })
+        .await;
     let (s, log) = f.get(&format!("/api/v1/dut/{dut}/training/loop/0")).await;
     assert_eq!(s, 200, "{log}");
+    // The loop as EX A.1 shows it: the DUT booted (it fetched its boot
+    // script) and talked, but its check failed; no power readings.
+    let l = &d["training"]["loops"][0];
+    assert_eq!(l["status"], "FAIL", "{d}");
+    assert_eq!(l["firmware_booted_check"], true, "{d}");
+    assert_eq!(l["console_data_received_check"], true, "{d}");
+    assert!(l["energy_consumed_check"].is_null(), "{d}");
+    assert!(l["seconds_elapsed"].as_f64().unwrap() > 0.0, "{d}");
     assert!(log.contains("SIMDUT.http_status=404"), "{log}");
     let (d, _) = f.wait(&dut, "trained", 60, state_is("IDLE")).await;
     assert_eq!(d["ready_for_service"], true, "{d}");

@@ -80,6 +80,10 @@ pub struct RunningJob {
     /// What the DUT boots while the job runs (kernel and initrd default to
     /// `BOOTS_DEFAULT_*` when missing), set by the job engine.
     pub boot: Option<BootSpec>,
+    /// The DUT asked for its boot script (iPXE or U-Boot: its firmware
+    /// and bootloader ran) since the engine set up the current boot
+    /// ([`Farm::set_job_boot`]).
+    pub firmware_booted: bool,
 }
 
 /// The boot configuration a running job gives its DUT: the netboot
@@ -347,6 +351,7 @@ impl Farm {
                 phase: JobPhase::Queued,
                 cancel: cancel.clone(),
                 boot: None,
+                firmware_booted: false,
             });
             (dut, cancel)
         };
@@ -395,6 +400,7 @@ impl Farm {
                 phase: JobPhase::Running,
                 cancel: cancel.clone(),
                 boot: None,
+                firmware_booted: false,
             });
         }
         self.bump();
@@ -406,9 +412,13 @@ impl Farm {
         self.update_job(dut, job_id, |j| j.phase = JobPhase::Running);
     }
 
-    /// Engine hook: what `dut` boots while `job_id` runs.
+    /// Engine hook: what `dut` boots while `job_id` runs, set before each
+    /// boot's power cycle (the DUT has not fetched this boot's script yet).
     pub fn set_job_boot(&self, dut: &MacAddr, job_id: &str, boot: BootSpec) {
-        self.update_job(dut, job_id, |j| j.boot = Some(boot));
+        self.update_job(dut, job_id, |j| {
+            j.boot = Some(boot);
+            j.firmware_booted = false;
+        });
     }
 
     /// Engine hook: the job `job_id` on `dut` is over (whatever its end).
@@ -497,6 +507,11 @@ impl crate::netboot::DeploymentProvider for Farm {
         _request: &crate::netboot::BootRequest,
     ) -> Option<crate::netboot::Deployment> {
         let (id, _) = self.resolve_dut(dut_id).ok()?;
-        self.job_boot(&id)
+        // The DUT's firmware asks for its boot script: it booted (the
+        // training loops' `firmware_booted_check`).
+        let mut rt = self.runtime.lock().unwrap();
+        let job = rt.duts.get_mut(&id)?.job.as_mut()?;
+        job.firmware_booted = true;
+        job.boot.clone()
     }
 }

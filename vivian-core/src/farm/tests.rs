@@ -559,6 +559,14 @@ impl JobRunner for ScriptedEngine {
         self.calls.lock().unwrap().push(call.clone());
         match status {
             Some(s) => {
+                // Each boot is set up; a DUT that passes fetches its boot
+                // script (its firmware booted), one that fails does not.
+                farm.set_job_boot(&job.dut, &job.job_id, BootSpec::default());
+                if s == PASS {
+                    use crate::netboot::DeploymentProvider;
+                    let req = crate::netboot::BootRequest::ipxe(Some("efi"), Some("x86_64"));
+                    farm.deployment(&job.dut.to_string(), &req).await;
+                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 Ok(InternalJobReport {
                     status: Some(s),
@@ -668,6 +676,28 @@ async fn training_registers_runs_the_loops_and_qualifies() {
     assert!(!third.loops[0].has_log);
     assert_eq!(third.loops[1].status, "FAIL");
     assert!(third.loops[1].has_log);
+    // Each loop as EX A.1 (V2025) shows it: the loop that booted fetched
+    // its boot script; no PDU here reads power.
+    let shown = serde_json::to_value(&third.loops[0]).unwrap();
+    assert_eq!(
+        shown,
+        json!({"status": "PASS", "seconds_elapsed": third.loops[0].seconds_elapsed,
+               "energy_consumed_check": null, "firmware_booted_check": true,
+               "console_data_received_check": true, "has_log": false})
+    );
+    let keys: Vec<_> = shown.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        keys,
+        [
+            "status",
+            "seconds_elapsed",
+            "energy_consumed_check",
+            "firmware_booted_check",
+            "console_data_received_check",
+            "has_log"
+        ]
+    );
+    assert!(!third.loops[1].firmware_booted_check);
     assert_eq!(
         third.loops[1].log.as_deref(),
         Some("log of bootloop 2: FAIL\n")

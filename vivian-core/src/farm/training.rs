@@ -565,7 +565,7 @@ impl Sergent {
                 }
             };
             if let Some(p) = info.progress.as_mut() {
-                self.record(p, &report);
+                self.record(p, &job_id, &report);
             }
             self.publish(&info);
             self.farm.job_finished(&self.dut, &job_id);
@@ -618,7 +618,7 @@ impl Sergent {
         match out {
             RunOutcome::Ended(r) => {
                 if let Some(p) = info.progress.as_mut() {
-                    self.record(p, &r);
+                    self.record(p, &job_id, &r);
                 }
                 self.publish(&info);
                 if passed(&r) {
@@ -652,13 +652,22 @@ impl Sergent {
 
     /// Adds a loop's report to the progress (keeping the end of its log
     /// when it did not pass).
-    fn record(&self, progress: &mut TrainingProgress, r: &InternalJobReport) {
+    /// Called before the job `job_id` is released, while its runtime
+    /// record still says whether the DUT fetched its boot script.
+    fn record(&self, progress: &mut TrainingProgress, job_id: &str, r: &InternalJobReport) {
         let status = status_name(r).to_string();
         *progress.statuses.entry(status.clone()).or_default() += 1;
         let keep = !passed(r);
+        let firmware_booted = self
+            .farm
+            .dut_runtime(&self.dut)
+            .and_then(|rt| rt.job)
+            .is_some_and(|j| j.job_id == job_id && j.firmware_booted);
         progress.loops.push(TrainingLoop {
             status,
             seconds_elapsed: r.elapsed.as_secs_f64(),
+            energy_consumed_check: None,
+            firmware_booted_check: firmware_booted,
             console_data_received_check: r.console_data_received,
             has_log: keep,
             log: keep.then(|| Arc::from(tail(&r.log, self.opts.max_loop_log))),

@@ -66,7 +66,15 @@ pub struct TrainingLoop {
     pub status: String,
     /// How long it took.
     pub seconds_elapsed: f64,
-    /// Whether the DUT printed anything on its console during the loop.
+    /// Whether the DUT drew its boot sequence's power (V2025 power
+    /// learning): always `null`, as the reference reports it for a PDU
+    /// without power readings; none of our PDU drivers reads power.
+    pub energy_consumed_check: Option<bool>,
+    /// Whether the DUT's firmware booted: it fetched its boot script (iPXE
+    /// or U-Boot) during the loop's last boot.
+    pub firmware_booted_check: bool,
+    /// Whether the DUT printed anything on its console after a power-on of
+    /// the loop.
     pub console_data_received_check: bool,
     /// Whether a log of the loop was kept (loops that did not pass); it is
     /// served at `GET /api/v1/dut/<id>/training/loop/<n>`.
