@@ -497,3 +497,36 @@ async fn a_thousand_concurrent_writes_lose_nothing() {
     assert_eq!(on_disk, *snap);
     assert_eq!(db.error(), None);
 }
+
+/// Reading the file (our own re-reads, a backup tool, `cat`) is not an
+/// edit: it must not make the backend read the file again, or an idle
+/// executor would re-read its database in a loop.
+#[tokio::test]
+async fn reading_the_file_does_not_trigger_a_reload() {
+    let (_dir, path) = setup(Some(SAMPLE));
+    let db = open(&path).await;
+    // Let any event of the start-up settle (debounce 30 ms, max 300 ms).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let before = db.disk_reads();
+    assert!(before >= 1, "the file was read at start-up");
+    for _ in 0..5 {
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.is_empty());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        db.disk_reads(),
+        before,
+        "opening and reading the file made the backend re-read it"
+    );
+
+    // An edit is still seen, with one batch of reads.
+    let mut rx = db.subscribe();
+    std::fs::write(&path, set_comment(SAMPLE, "after-reads")).unwrap();
+    wait_db(&mut rx, "the edit after the reads", |d| {
+        comment_of(d).as_deref() == Some("after-reads")
+    })
+    .await;
+    assert!(db.disk_reads() > before);
+}

@@ -119,6 +119,8 @@ struct Inner {
     db: watch::Sender<Arc<Database>>,
     error: watch::Sender<Option<ValidationError>>,
     wake: Notify,
+    /// How many times the file was read.
+    reads: AtomicU64,
 }
 
 impl Drop for FileMarsDb {
@@ -177,16 +179,20 @@ impl FileMarsDb {
             db: watch::Sender::new(Arc::new(initial)),
             error: watch::Sender::new(None),
             wake: Notify::new(),
+            reads: AtomicU64::new(0),
         });
 
         // Watch before the first read, so no edit falls in between.
         let weak = Arc::downgrade(&inner);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let relevant = match &res {
-                Ok(ev) => ev
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name() == Some(file_name.as_os_str())),
+                Ok(ev) => {
+                    may_change_content(&ev.kind)
+                        && ev
+                            .paths
+                            .iter()
+                            .any(|p| p.file_name() == Some(file_name.as_os_str()))
+                }
                 Err(_) => true,
             };
             if relevant {
@@ -216,6 +222,13 @@ impl FileMarsDb {
     /// The path of the database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// How many times the file was read since [`FileMarsDb::open`]: after
+    /// the first read, once per batch of file events (and per rescan or
+    /// write). A diagnostic: an idle farm reads its file only on rescans.
+    pub fn disk_reads(&self) -> u64 {
+        self.inner.reads.load(Ordering::Relaxed)
     }
 
     /// Re-reads the file now (what a file event does, without waiting).
@@ -253,6 +266,18 @@ async fn reload_loop(inner: Arc<Inner>) {
         if let Err(e) = inner.sync_or_flush(&mut st).await {
             tracing::error!(error = %e, "cannot read the MarsDB file");
         }
+    }
+}
+
+/// Whether a file event can mean new content. Opening, reading and
+/// closing a file without writing (our own re-read, a backup, `cat`) cannot:
+/// reacting to those would make every re-read trigger the next one.
+fn may_change_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
@@ -363,6 +388,7 @@ impl Inner {
     /// ones we last saw; else parses them and either publishes the new
     /// database or records the error. Called with the write lock held.
     async fn sync_from_disk(&self, disk: &mut Option<Vec<u8>>) -> Result<(), MarsDbError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let bytes = match tokio::fs::read(&self.path).await {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
