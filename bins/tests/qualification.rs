@@ -606,14 +606,17 @@ async fn discovery_training_user_job_retire_activate_and_quick_checks() {
         .await;
     assert!(seen.contains(&"QUICK_CHECK".to_string()), "{seen:?}");
     assert_eq!(d["ready_for_service"], false, "{d}");
-    // Its training fails too; the failed loop's log is served.
+    // Its training fails too; the failed loop's log is served (loops[0]
+    // is the registration, which passed: no log).
     let (d, _) = f
         .wait(&mac, "a failed training loop", 30, |d| {
-            d["training"]["loops"][0]["has_log"] == true
+            d["training"]["loops"][1]["has_log"] == true
         })
         .await;
-    assert_eq!(d["training"]["loops"][0]["status"], "FAIL", "{d}");
-    let (s, log) = f.get(&format!("/api/v1/dut/{mac}/training/loop/0")).await;
+    assert_eq!(d["training"]["loops"][1]["status"], "FAIL", "{d}");
+    assert_eq!(d["training"]["loops"][0]["status"], "PASS", "{d}");
+    assert_eq!(d["training"]["loops"][0]["has_log"], false, "{d}");
+    let (s, log) = f.get(&format!("/api/v1/dut/{mac}/training/loop/1")).await;
     // The round may already have restarted (no loop any more): then 404.
     if s == 200 {
         assert!(log.contains("SIMDUT.http_status=404"), "{log}");
@@ -685,6 +688,11 @@ async fn hand_edited_marsdb_flaky_dut_and_failed_registration() {
     assert_eq!(d["state"], "TRAINING", "{d}");
     assert_eq!(d["training"]["is_registered"], false, "{d}");
     let failed_at = Instant::now();
+    // The failed registration's log is served (loops[0]) while it waits.
+    assert_eq!(d["training"]["loops"][0]["status"], "FAIL", "{d}");
+    let (s, log) = f.get(&format!("/api/v1/dut/{b}/training/loop/0")).await;
+    assert_eq!(s, 200, "{log}");
+    assert!(log.contains("SIMDUT.http_status=400"), "{log}");
     // The admin fixes it (by hand) while it waits.
     edit_marsdb(&f.db_path(), |v| {
         dut_yaml(v, &b).insert("comment".into(), "fixed".into());
@@ -850,14 +858,14 @@ async fn quiet_training_writes_no_job_logs_but_keeps_failed_loops() {
     // least the port's 0.1 s off time).
     let (d, _) = f
         .wait(&dut, "a failed loop", 60, |d| {
-            d["training"]["loops"][0]["has_log"] == true
+            d["training"]["loops"][1]["has_log"] == true
         })
         .await;
-    let (s, log) = f.get(&format!("/api/v1/dut/{dut}/training/loop/0")).await;
+    let (s, log) = f.get(&format!("/api/v1/dut/{dut}/training/loop/1")).await;
     assert_eq!(s, 200, "{log}");
     // The loop as EX A.1 shows it: the DUT booted (it fetched its boot
     // script) and talked, but its check failed; no power readings.
-    let l = &d["training"]["loops"][0];
+    let l = &d["training"]["loops"][1];
     assert_eq!(l["status"], "FAIL", "{d}");
     assert_eq!(l["firmware_booted_check"], true, "{d}");
     assert_eq!(l["console_data_received_check"], true, "{d}");

@@ -668,10 +668,23 @@ async fn training_registers_runs_the_loops_and_qualifies() {
         assert_eq!(p.is_registered, c.training_kind == "bootloop");
         assert_eq!(u64::from(p.current_loop_count), c.training_loop);
         assert_eq!((p.boot_loop_counts, p.qualifying_rate), (3, 2));
-        assert_eq!(p.loops.len() as u64, c.training_loop.saturating_sub(1));
+        // The registration is loops[0], boot loop n is loops[n].
+        assert_eq!(p.loops.len() as u64, c.training_loop);
     }
-    // The third loop saw the first two recorded, the failed one with a log.
+    // The third loop saw the registration and the first two loops
+    // recorded, the failed one with a log.
     let third = engine.calls_for(MAC3)[3].training.progress.clone().unwrap();
+    let third_statuses: Vec<_> = third.loops.iter().map(|l| l.status.as_str()).collect();
+    assert_eq!(third_statuses, ["PASS", "PASS", "FAIL"]);
+    assert_eq!(
+        third.statuses,
+        std::collections::BTreeMap::from([("FAIL".to_string(), 1), ("PASS".to_string(), 1)]),
+        "the registration is listed but not counted"
+    );
+    let third = TrainingProgress {
+        loops: third.loops[1..].to_vec(),
+        ..third
+    };
     assert_eq!(third.loops[0].status, "PASS");
     assert!(!third.loops[0].has_log);
     assert_eq!(third.loops[1].status, "FAIL");
@@ -726,7 +739,8 @@ async fn a_dut_failing_half_its_loops_keeps_training_from_registration() {
     wait_long("three registrations", || engine.count("registration") >= 3).await;
     assert!(!db.snapshot().duts[&mac(MAC3)].ready_for_service);
     assert_eq!(farm.dut_state(&mac(MAC3)), Some(DutState::Training));
-    // Each round: registration, loop 1, loop 2; then again from scratch.
+    // Each round: registration, loop 1, loop 2; then again from scratch
+    // (the registration is loops[0]).
     let kinds: Vec<_> = engine
         .calls_for(MAC3)
         .into_iter()
@@ -743,11 +757,11 @@ async fn a_dut_failing_half_its_loops_keeps_training_from_registration() {
         kinds,
         [
             ("registration".to_string(), 0, 0),
-            ("bootloop".into(), 1, 0),
-            ("bootloop".into(), 2, 1),
+            ("bootloop".into(), 1, 1),
+            ("bootloop".into(), 2, 2),
             ("registration".into(), 0, 0),
-            ("bootloop".into(), 1, 0),
-            ("bootloop".into(), 2, 1),
+            ("bootloop".into(), 1, 1),
+            ("bootloop".into(), 2, 2),
         ]
     );
     farm.shutdown().await;
@@ -770,6 +784,15 @@ async fn a_failed_registration_is_retried_after_the_delay() {
     let json = serde_json::to_value(&farm.view().duts[&mac(MAC3)].training).unwrap();
     assert_eq!(json["state"], "REGISTRATION_FAILED", "{json}");
     assert_eq!(json["is_registered"], false, "{json}");
+    // The failed registration is loops[0]; its log is served while the DUT
+    // waits for the next try (as in the reference).
+    assert_eq!(json["loops"][0]["status"], "FAIL", "{json}");
+    assert_eq!(json["loops"][0]["has_log"], true, "{json}");
+    assert_eq!(json["statuses"], json!({}), "{json}");
+    assert_eq!(
+        farm.training_loop_log(MAC3, 0).unwrap().as_ref(),
+        "log of registration 0: FAIL\n"
+    );
     wait_long("MAC3 ready", || {
         db.snapshot().duts[&mac(MAC3)].ready_for_service
     })

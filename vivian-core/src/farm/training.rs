@@ -505,6 +505,14 @@ impl Sergent {
                 return;
             }
             let (job_id, out) = self.run_job(JobKind::Training, "registration", 0).await;
+            if let RunOutcome::Ended(r) = &out {
+                // As in the reference, the registration attempt is
+                // `loops[0]` (boot loop n is `loops[n]`), so the log of a
+                // failed registration is served at `training/loop/0`.
+                let mut progress = self.fresh_progress();
+                self.push_loop(&mut progress, &job_id, r);
+                info.progress = Some(progress);
+            }
             self.farm.job_finished(&self.dut, &job_id);
             match out {
                 RunOutcome::Ended(r) if passed(&r) => break,
@@ -514,7 +522,6 @@ impl Sergent {
                         status_name(&r)
                     );
                     info.state = TrainingState::RegistrationFailed;
-                    info.progress = Some(self.fresh_progress());
                     self.publish(&info);
                     if !self.wait_in(DutState::Training, delay).await {
                         return;
@@ -617,8 +624,9 @@ impl Sergent {
         let (job_id, out) = self.run_job(JobKind::QuickCheck, "quick_check", 1).await;
         match out {
             RunOutcome::Ended(r) => {
+                // The reference counts no status for a quick check.
                 if let Some(p) = info.progress.as_mut() {
-                    self.record(p, &job_id, &r);
+                    self.push_loop(p, &job_id, &r);
                 }
                 self.publish(&info);
                 if passed(&r) {
@@ -652,11 +660,22 @@ impl Sergent {
 
     /// Adds a loop's report to the progress (keeping the end of its log
     /// when it did not pass).
-    /// Called before the job `job_id` is released, while its runtime
-    /// record still says whether the DUT fetched its boot script.
+    /// Adds a boot loop's report to the progress: its status is counted
+    /// and the loop listed ([`Self::push_loop`]).
     fn record(&self, progress: &mut TrainingProgress, job_id: &str, r: &InternalJobReport) {
+        *progress
+            .statuses
+            .entry(status_name(r).to_string())
+            .or_default() += 1;
+        self.push_loop(progress, job_id, r);
+    }
+
+    /// Lists a job's report in `progress.loops` (keeping the end of its log
+    /// when it did not pass). Called before the job `job_id` is released,
+    /// while its runtime record still says whether the DUT fetched its boot
+    /// script.
+    fn push_loop(&self, progress: &mut TrainingProgress, job_id: &str, r: &InternalJobReport) {
         let status = status_name(r).to_string();
-        *progress.statuses.entry(status.clone()).or_default() += 1;
         let keep = !passed(r);
         let firmware_booted = self
             .farm

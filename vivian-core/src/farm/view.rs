@@ -108,7 +108,9 @@ pub struct TrainingProgress {
     pub current_loop_count: u32,
     /// Count of loops per status.
     pub statuses: BTreeMap<String, u32>,
-    /// Every loop run so far.
+    /// Every job of the training so far, as the reference lists them: the
+    /// registration at index 0 (the last attempt), then boot loop `n` at
+    /// index `n`; a quick check lists its one boot loop at index 0.
     pub loops: Vec<TrainingLoop>,
 }
 
