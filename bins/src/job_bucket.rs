@@ -21,7 +21,7 @@
 //! start ([`JobBuckets::recover`]).
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,11 +41,60 @@ use vivian_core::storage::{
 /// `infra_teardown`, 10 minutes by default).
 pub const DEFAULT_CLIENT_WAIT: Duration = Duration::from_secs(600);
 
+/// The journal of live jobs' resources: a JSON list of
+/// [`JobResources`], written atomically (temp + fsync + rename).
+struct Journal {
+    path: PathBuf,
+    lock: std::sync::Mutex<()>,
+}
+
+impl Journal {
+    fn read(&self) -> Vec<JobResources> {
+        match std::fs::read(&self.path) {
+            Ok(data) => serde_json::from_slice(&data).unwrap_or_else(|e| {
+                tracing::error!(
+                    "the job-bucket journal {} is unreadable: {e}",
+                    self.path.display()
+                );
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn write(&self, entries: &[JobResources]) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(entries).unwrap_or_default())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Adds or replaces (by bucket) an entry; `None` removes the bucket's
+    /// entry.
+    fn set(&self, bucket: &str, entry: Option<&JobResources>) {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = self.read();
+        let before = entries.clone();
+        entries.retain(|e| e.bucket != bucket);
+        entries.extend(entry.cloned());
+        if entries == before {
+            return;
+        }
+        if let Err(e) = self.write(&entries) {
+            tracing::error!(
+                "cannot write the job-bucket journal {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
 /// The executor's object storage for job buckets.
 pub struct JobBuckets {
     storage: JobStorage,
-    journal: Option<PathBuf>,
-    journal_lock: std::sync::Mutex<()>,
+    journal: Option<Arc<Journal>>,
     client_wait: Duration,
 }
 
@@ -53,7 +102,7 @@ impl std::fmt::Debug for JobBuckets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JobBuckets")
             .field("storage", &self.storage)
-            .field("journal", &self.journal)
+            .field("journal", &self.journal.as_ref().map(|j| &j.path))
             .finish()
     }
 }
@@ -64,14 +113,22 @@ impl JobBuckets {
         JobBuckets {
             storage,
             journal: None,
-            journal_lock: std::sync::Mutex::new(()),
             client_wait: DEFAULT_CLIENT_WAIT,
         }
     }
 
-    /// Records live jobs' resources in `path`.
+    /// Records live jobs' resources in `path`, each before it is created
+    /// (so that nothing a killed executor's jobs created goes unlisted).
     pub fn with_journal(mut self, path: impl Into<PathBuf>) -> Self {
-        self.journal = Some(path.into());
+        let j = Arc::new(Journal {
+            path: path.into(),
+            lock: std::sync::Mutex::new(()),
+        });
+        let hook = j.clone();
+        self.storage = self
+            .storage
+            .with_resource_hook(Arc::new(move |bucket, entry| hook.set(bucket, entry)));
+        self.journal = Some(j);
         self
     }
 
@@ -86,55 +143,19 @@ impl JobBuckets {
         &self.storage
     }
 
-    fn read_journal(path: &Path) -> Vec<JobResources> {
-        match std::fs::read(path) {
-            Ok(data) => serde_json::from_slice(&data).unwrap_or_else(|e| {
-                tracing::error!(
-                    "the job-bucket journal {} is unreadable: {e}",
-                    path.display()
-                );
-                Vec::new()
-            }),
-            Err(_) => Vec::new(),
-        }
-    }
-
-    fn write_journal(path: &Path, entries: &[JobResources]) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(entries).unwrap_or_default())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    }
-
-    /// Adds or replaces (by bucket) an entry of the journal; `None` removes
-    /// the bucket's entry.
-    fn journal_set(&self, bucket: &str, entry: Option<JobResources>) {
-        let Some(path) = &self.journal else { return };
-        let _g = self.journal_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut entries = Self::read_journal(path);
-        entries.retain(|e| e.bucket != bucket);
-        entries.extend(entry);
-        if let Err(e) = Self::write_journal(path, &entries) {
-            tracing::error!(
-                "cannot write the job-bucket journal {}: {e}",
-                path.display()
-            );
-        }
-    }
-
     /// Removes what the journal lists (a previous executor's leftovers);
     /// returns how many job buckets were removed.
     pub async fn recover(&self) -> usize {
-        let Some(path) = &self.journal else { return 0 };
-        let entries = Self::read_journal(path);
+        let Some(journal) = &self.journal else {
+            return 0;
+        };
+        let entries = journal.read();
         let mut removed = 0;
         for e in entries {
+            // Removed from the journal by the storage once all is gone.
             match self.storage.remove(&e).await {
                 Ok(()) => {
                     removed += 1;
-                    self.journal_set(&e.bucket, None);
                 }
                 Err(err) => tracing::error!(
                     bucket = %e.bucket,
@@ -315,18 +336,14 @@ impl SessionBucket {
             .open_job_bucket(dut_id, &sub.job_id, dut_ip, &groups)
             .await
             .map_err(|e| format!("cannot create the job bucket: {e}"))?;
-        b.journal_set(jb.name.as_str(), Some(jb.resources()));
         if let Some(tar) = &sub.tarball {
             match b.storage.seed_from_tar(&jb, tar).await {
                 Ok(n) => {
                     tracing::info!(bucket = %jb.name, "{n} file(s) of the share directory uploaded")
                 }
                 Err(e) => {
-                    let name = jb.name.to_string();
-                    let r = b.storage.close(jb).await;
-                    if r.is_ok() {
-                        b.journal_set(&name, None);
-                    }
+                    // Dropped from the journal once removed.
+                    let _ = b.storage.close(jb).await;
                     return Err(format!(
                         "cannot upload the share directory into the job bucket: {e}"
                     ));
@@ -355,7 +372,6 @@ impl SessionBucket {
         };
         match b.storage.client_credentials(jb).await {
             Ok(c) => {
-                b.journal_set(jb.name.as_str(), Some(jb.resources()));
                 if let Payload::SessionEnd(end) = &mut msg.payload {
                     end.job_bucket = Some(protocol::JobBucket {
                         minio_access_url: b.storage.access_url(&c.credentials(), host),
@@ -412,8 +428,9 @@ impl SessionBucket {
         }
         if let Some(jb) = st.bucket.take() {
             let name = jb.name.to_string();
+            // Dropped from the journal once removed.
             match b.storage.close(jb).await {
-                Ok(()) => b.journal_set(&name, None),
+                Ok(()) => {}
                 Err(e) => {
                     tracing::error!(bucket = %name, "the job bucket was not fully removed (kept in the journal for the next start): {e}")
                 }

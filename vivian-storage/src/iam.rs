@@ -246,8 +246,27 @@ impl IamAdmin {
     }
 }
 
+/// `<bucket>-<role>`, the bucket cut so that it fits IAM's 64 characters.
+fn user_name(spec: &AccessSpec) -> String {
+    let suffix = format!("-{}", spec.role.as_str());
+    let mut user = spec.bucket.to_string();
+    user.truncate(MAX_USER_NAME - suffix.len());
+    user.push_str(&suffix);
+    user
+}
+
 #[async_trait]
 impl IdentityAdmin for IamAdmin {
+    fn planned_user(&self, spec: &AccessSpec) -> ScopedUser {
+        let user = user_name(spec);
+        ScopedUser {
+            access_key: user.clone(),
+            policy: Some(format!("policy_{user}")),
+            groups: spec.groups.clone(),
+            user,
+        }
+    }
+
     async fn check_root(&self) -> Result<(), StorageError> {
         self.call("ListUsers", &[]).await.map(|_| ())
     }
@@ -256,10 +275,7 @@ impl IdentityAdmin for IamAdmin {
         &self,
         spec: &AccessSpec,
     ) -> Result<ScopedCredentials, StorageError> {
-        let suffix = format!("-{}", spec.role.as_str());
-        let mut user = spec.bucket.to_string();
-        user.truncate(MAX_USER_NAME - suffix.len());
-        user.push_str(&suffix);
+        let user = user_name(spec);
         let policy_name = format!("policy_{user}");
         self.call("CreateUser", &[("UserName", &user)]).await?;
         let mut scoped = ScopedUser {

@@ -227,6 +227,19 @@ pub trait IdentityAdmin: Send + Sync {
         &self,
         spec: &AccessSpec,
     ) -> Result<ScopedCredentials, StorageError>;
+    /// The user [`IdentityAdmin::create_scoped_user`] would create for
+    /// `spec` (without its generated access key: the user name stands in),
+    /// so that a journal can list it before it exists. The default is the
+    /// reference's naming: user `<bucket>-<role>`, policy `policy_<user>`.
+    fn planned_user(&self, spec: &AccessSpec) -> ScopedUser {
+        let user = spec.user_name();
+        ScopedUser {
+            access_key: user.clone(),
+            policy: Some(format!("policy_{user}")),
+            groups: spec.groups.clone(),
+            user,
+        }
+    }
     /// Removes a user created by [`IdentityAdmin::create_scoped_user`]:
     /// group memberships, policy, keys, user. Idempotent: what is already
     /// gone is not an error.
@@ -341,6 +354,12 @@ impl Drop for JobBucket {
     }
 }
 
+/// Told what a job is about to create, before each creation: `(bucket,
+/// Some(resources))` records (or replaces) the bucket's entry, `(bucket,
+/// None)` drops it (nothing of it is left). A journal written from it lets
+/// an executor killed at any point remove what its jobs created.
+pub type ResourceHook = Arc<dyn Fn(&str, Option<&JobResources>) + Send + Sync>;
+
 /// The job-bucket lifecycle over an [`ObjectStore`] and an
 /// [`IdentityAdmin`].
 #[derive(Clone)]
@@ -348,6 +367,7 @@ pub struct JobStorage {
     objects: Arc<dyn ObjectStore>,
     identity: Arc<dyn IdentityAdmin>,
     url: url::Url,
+    hook: Option<ResourceHook>,
 }
 
 impl std::fmt::Debug for JobStorage {
@@ -370,6 +390,19 @@ impl JobStorage {
             objects,
             identity,
             url,
+            hook: None,
+        }
+    }
+
+    /// Tells `hook` what jobs are about to create (and what is gone).
+    pub fn with_resource_hook(mut self, hook: ResourceHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    fn record(&self, bucket: &str, res: Option<&JobResources>) {
+        if let Some(h) = &self.hook {
+            h(bucket, res);
         }
     }
 
@@ -414,42 +447,61 @@ impl JobStorage {
         dut_ip: IpAddr,
         groups: &[String],
     ) -> Result<JobBucket, StorageError> {
+        let spec_for = |bucket: &BucketName| AccessSpec {
+            bucket: bucket.clone(),
+            role: Role::Dut,
+            source_ips: vec![dut_ip],
+            groups: groups.to_vec(),
+        };
+        let planned = |bucket: &BucketName| JobResources {
+            bucket: bucket.to_string(),
+            users: vec![self.identity.planned_user(&spec_for(bucket))],
+        };
         let mut name = None;
         let mut last = None;
         for _ in 0..JOB_BUCKET_ATTEMPTS {
             let candidate = BucketName::for_job(dut_id, job_id, &random_suffix(JOB_RANDOM_LEN));
+            // Recorded before it exists: a kill right after the creation
+            // leaves nothing unlisted.
+            self.record(candidate.as_str(), Some(&planned(&candidate)));
             match self.objects.create_bucket(&candidate).await {
                 Ok(()) => {
                     name = Some(candidate);
                     break;
                 }
-                Err(e @ StorageError::AlreadyExists(_)) => last = Some(e),
-                Err(e) => return Err(e),
+                // Another's: never remove it later.
+                Err(e @ StorageError::AlreadyExists(_)) => {
+                    self.record(candidate.as_str(), None);
+                    last = Some(e);
+                }
+                // It may exist (a lost answer): remove it, or leave it
+                // recorded for a later removal.
+                Err(e) => {
+                    let _ = self.remove(&planned(&candidate)).await;
+                    return Err(e);
+                }
             }
         }
         let Some(name) = name else {
             return Err(last.unwrap_or_else(|| StorageError::Backend("no bucket name".into())));
         };
-        let spec = AccessSpec {
-            bucket: name.clone(),
-            role: Role::Dut,
-            source_ips: vec![dut_ip],
-            groups: groups.to_vec(),
-        };
+        let spec = spec_for(&name);
         match self.identity.create_scoped_user(&spec).await {
             Ok(dut) => {
                 tracing::info!(bucket = %name, user = %dut.user.user, "job bucket created");
-                Ok(JobBucket {
+                let jb = JobBucket {
                     name,
                     dut,
                     client: None,
                     closed: false,
-                })
+                };
+                self.record(jb.name.as_str(), Some(&jb.resources()));
+                Ok(jb)
             }
             Err(e) => {
-                if let Err(e2) = self.objects.delete_bucket_force(&name).await {
-                    tracing::error!(bucket = %name, "cannot remove the job bucket: {e2}");
-                }
+                // The bucket and whatever of the user is left; recorded
+                // until everything is gone.
+                let _ = self.remove(&planned(&name)).await;
                 Err(e)
             }
         }
@@ -488,8 +540,12 @@ impl JobStorage {
             source_ips: vec![],
             groups: vec![],
         };
+        let mut res = jb.resources();
+        res.users.push(self.identity.planned_user(&spec));
+        self.record(jb.name.as_str(), Some(&res));
         let c = self.identity.create_scoped_user(&spec).await?;
         jb.client = Some(c.clone());
+        self.record(jb.name.as_str(), Some(&jb.resources()));
         Ok(c)
     }
 
@@ -551,6 +607,7 @@ impl JobStorage {
         match first {
             None => {
                 tracing::info!(bucket = %res.bucket, "job bucket removed");
+                self.record(&res.bucket, None);
                 Ok(())
             }
             Some(e) => Err(e),

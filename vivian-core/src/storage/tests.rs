@@ -276,3 +276,66 @@ fn tarballs_plain_gzip_and_hostile() {
     let e = read_tarball(b"BZh91AY&SY").unwrap_err();
     assert!(e.to_string().contains("not supported"), "{e}");
 }
+
+/// The resource hook (the executor's journal) hears of every bucket and
+/// user before it exists, and of its removal once everything is gone: an
+/// executor killed at any point has everything its jobs created listed.
+#[tokio::test]
+async fn the_resource_hook_lists_everything_before_it_exists() {
+    type Journal = std::collections::BTreeMap<String, JobResources>;
+    let o = Arc::new(MemoryObjectStore::default());
+    let i = Arc::new(MemoryIdentity::default());
+    let journal: Arc<std::sync::Mutex<Journal>> = Arc::default();
+    // Whenever the hook is called, everything that exists is listed in
+    // the journal as it was before the call.
+    let violations: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let hook: ResourceHook = {
+        let (o, i, journal, violations) =
+            (o.clone(), i.clone(), journal.clone(), violations.clone());
+        Arc::new(move |bucket: &str, res: Option<&JobResources>| {
+            let mut j = journal.lock().unwrap();
+            let listed_users: Vec<String> = j
+                .values()
+                .flat_map(|r| r.users.iter().map(|u| u.access_key.clone()))
+                .collect();
+            for b in o.buckets() {
+                if !j.contains_key(&b) {
+                    violations.lock().unwrap().push(format!("bucket {b}"));
+                }
+            }
+            for u in i.users.lock().unwrap().keys() {
+                if !listed_users.contains(u) {
+                    violations.lock().unwrap().push(format!("user {u}"));
+                }
+            }
+            match res {
+                Some(r) => j.insert(bucket.to_string(), r.clone()),
+                None => j.remove(bucket),
+            };
+        })
+    };
+    let s = JobStorage::new(
+        o.clone(),
+        i.clone(),
+        "http://10.0.0.1:9000".parse().unwrap(),
+    )
+    .with_resource_hook(hook);
+    let mut jb = s
+        .open_job_bucket("d", "j", "10.0.0.2".parse().unwrap(), &[])
+        .await
+        .unwrap();
+    assert_eq!(journal.lock().unwrap()[jb.name.as_str()], jb.resources());
+    s.client_credentials(&mut jb).await.unwrap();
+    assert_eq!(journal.lock().unwrap()[jb.name.as_str()].users.len(), 2);
+    s.close(jb).await.unwrap();
+    assert!(journal.lock().unwrap().is_empty());
+    assert!(o.buckets().is_empty() && i.users.lock().unwrap().is_empty());
+    // A failed user creation: nothing left, nothing listed.
+    *i.fail_next_create.lock().unwrap() = true;
+    s.open_job_bucket("d", "j", "10.0.0.2".parse().unwrap(), &[])
+        .await
+        .unwrap_err();
+    assert!(journal.lock().unwrap().is_empty());
+    assert!(o.buckets().is_empty());
+    assert_eq!(*violations.lock().unwrap(), Vec::<String>::new());
+}
