@@ -541,13 +541,22 @@ pub struct Callback {
     pub port: u16,
 }
 
-/// MinIO credentials of the submitter.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// MinIO credentials of the submitter. `Debug` masks the secret key.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MinioCredentials {
     /// Access key.
     pub access_key: String,
     /// Secret key.
     pub secret_key: String,
+}
+
+impl std::fmt::Debug for MinioCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MinioCredentials")
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"<masked>")
+            .finish()
+    }
 }
 
 /// `minio` of the submission metadata.
@@ -792,6 +801,27 @@ pub mod base85 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_masks_the_submitters_secret() {
+        let c = MinioCredentials {
+            access_key: "SUBMITTER".into(),
+            secret_key: "submitter-secret".into(),
+        };
+        let dbg = format!(
+            "{:?}",
+            MinioRequest {
+                credentials: Some(c.clone()),
+                ..Default::default()
+            }
+        );
+        assert!(dbg.contains("SUBMITTER"));
+        assert!(!dbg.contains("submitter-secret"), "{dbg}");
+        // The wire form keeps it.
+        assert!(serde_json::to_string(&c)
+            .unwrap()
+            .contains("submitter-secret"));
+    }
 
     #[test]
     fn reference_test_vector() {

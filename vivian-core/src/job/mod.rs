@@ -30,7 +30,7 @@ pub use patterns::{
     verdict, ConsoleEvent, ConsoleFeed, ConsoleMatcher, ConsolePatterns, LineMatch, Pattern,
     WatchdogPatterns, DEFAULT_SESSION_END_REGEX,
 };
-pub use template::{JobBucketVars, MachineVars, TemplateVars};
+pub use template::{is_secret_name, JobBucketVars, MachineVars, TemplateVars};
 pub use timeouts::{RetryDecision, Timeout, TimeoutHit, TimeoutName, Timeouts, WatchdogAction};
 
 /// Environment variable giving the default `machine_unfit_for_service`

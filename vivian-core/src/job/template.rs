@@ -49,8 +49,9 @@ pub struct MachineVars {
     pub comment: Option<String>,
 }
 
-/// The job bucket's name and the DUT's credentials for it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The job bucket's name and the DUT's credentials for it. `Debug`
+/// masks the secret key.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct JobBucketVars {
     /// Bucket name.
     pub name: String,
@@ -60,10 +61,49 @@ pub struct JobBucketVars {
     pub secret_key: String,
 }
 
-/// The variables a job template is rendered with.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The variables a job template is rendered with. `Debug` masks the
+/// values of variables whose name says they hold a secret (see
+/// [`is_secret_name`]).
+#[derive(Clone, Default, PartialEq)]
 pub struct TemplateVars {
     vars: BTreeMap<String, Value>,
+}
+
+/// What `Debug` prints instead of a secret.
+const MASK: &str = "<masked>";
+
+/// Whether a variable's name says it holds a secret: it contains
+/// `secret`, `password`, `token` or `private_key` (any case), as
+/// `job_bucket_secret_key` and `EXECUTOR_JOB__*_TOKEN` variables do.
+pub fn is_secret_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["secret", "password", "token", "private_key"]
+        .iter()
+        .any(|w| n.contains(w))
+}
+
+impl std::fmt::Debug for JobBucketVars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobBucketVars")
+            .field("name", &self.name)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &MASK)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for TemplateVars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut m = f.debug_map();
+        for (k, v) in &self.vars {
+            if is_secret_name(k) {
+                m.entry(k, &MASK);
+            } else {
+                m.entry(k, v);
+            }
+        }
+        m.finish()
+    }
 }
 
 impl TemplateVars {
@@ -187,6 +227,32 @@ pub fn render(template: &str, vars: &TemplateVars) -> Result<String, JobError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_masks_the_secrets() {
+        let bucket = JobBucketVars {
+            name: "job-bucket".into(),
+            access_key: "DUTACCESS".into(),
+            secret_key: "dut-secret-value".into(),
+        };
+        let dbg = format!("{bucket:?}");
+        assert!(dbg.contains("DUTACCESS") && dbg.contains("job-bucket"));
+        assert!(!dbg.contains("dut-secret-value"), "{dbg}");
+
+        let machine = MachineVars::default();
+        let mut v = TemplateVars::for_dut(&machine, "http://minio:9000", Some(&bucket));
+        v.set("gitlab_token", "glpat-very-secret");
+        v.set("kernel_url", "http://files/vmlinuz");
+        let dbg = format!("{v:?}");
+        assert!(dbg.contains("http://files/vmlinuz") && dbg.contains("DUTACCESS"));
+        assert!(!dbg.contains("dut-secret-value"), "{dbg}");
+        assert!(!dbg.contains("glpat-very-secret"), "{dbg}");
+        // Rendering still sees the real values.
+        assert_eq!(
+            render("{{ job_bucket_secret_key }}", &v).unwrap(),
+            "dut-secret-value"
+        );
+    }
 
     #[test]
     fn undefined_variables_render_empty_and_chain() {
