@@ -148,6 +148,8 @@ impl QualFarm {
         training.quick_check = opts.quick_check;
         training.quiet = opts.quiet;
         let mut farm_opts = FarmOptions::new("qual");
+        // As the executor does (`Config::quick_check_enabled`).
+        farm_opts.quick_check_enabled = opts.quick_check && opts.boot_count >= 0;
         farm_opts.training = Some(training);
         let farm = Farm::new(db, pdus, farm_opts);
         let mut console: Arc<dyn ConsoleSource> = Arc::new(InProcessConsoles::new(salad.clone()));
@@ -819,7 +821,10 @@ async fn console_lines_from_before_the_power_on_are_not_matched() {
     assert!(log.contains("session end: FAIL"), "{log}");
 
     // A user job: the DUT's real boot prints a failure.
-    f.wait(&ready, "IDLE", 10, state_is("IDLE")).await;
+    let (_, seen) = f.wait(&ready, "IDLE", 10, state_is("IDLE")).await;
+    // SERGENT_HARTMAN_QUICK_CHECK disabled: IDLE at once, no quick check.
+    assert_eq!(seen, ["IDLE"]);
+    assert!(f.logs("quick_check", &ready).is_empty());
     let status = f.user_job_printing(&ready, "JOB_RESULT=FAIL").await;
     assert_eq!(status, JobStatus::Fail, "{}", f.dump_logs());
     f.wait(&ready, "IDLE after the job", 10, state_is("IDLE"))
@@ -884,5 +889,56 @@ async fn quiet_training_writes_no_job_logs_but_keeps_failed_loops() {
         .map(|rd| rd.count())
         .unwrap_or(0);
     assert_eq!(files, 1, "only the user job's log");
+    f.stop().await;
+}
+
+/// DUTs written ready in MarsDB get a quick check when the executor starts
+/// (EX D.4): one that passes becomes IDLE, one that fails goes back to
+/// TRAINING, is trained again and then IDLE.
+#[tokio::test]
+async fn ready_duts_are_quick_checked_at_start_up_and_a_failure_retrains() {
+    let good = outlet_mac(0);
+    let bad = outlet_mac(1);
+    let marsdb = format!(
+        "pdus:\n  VPDU:\n    driver: vpdu\n    config:\n      hostname: '@VPDU@'\nduts:\n\
+         \x20 {good}:\n    base_name: good\n    ip_address: 127.0.0.1\n    tags: [sim]\n    pdu: VPDU\n    pdu_port_id: '0'\n    pdu_off_delay: 0.1\n    ready_for_service: true\n\
+         \x20 {bad}:\n    base_name: bad\n    ip_address: 127.0.0.1\n    tags: [sim]\n    manual_tags: [bad-check]\n    pdu: VPDU\n    pdu_port_id: '1'\n    pdu_off_delay: 0.1\n    ready_for_service: true\n\
+         gitlab: {{}}\n"
+    );
+    let mut opts = Options::new(&marsdb);
+    // The bad machine fails its quick checks (not its training loops).
+    opts.bootloop = BOOTLOOP_JOB.replace(
+        "/api/v1/dut/@MAC@\"",
+        "/api/v1/dut/@MAC@{% if 'bad-check' in machine.manual_tags and training_kind == 'quick_check' %}/broken{% endif %}\"",
+    );
+    assert_ne!(opts.bootloop, BOOTLOOP_JOB);
+    let f = QualFarm::start(opts).await;
+
+    let (d, seen) = f
+        .wait(&good, "quick-checked", 30, |d| {
+            d["state"] == "IDLE" && f.logs("quick_check", &good).len() == 1
+        })
+        .await;
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("QUICK_CHECK"),
+        "{seen:?}"
+    );
+    assert_eq!(d["ready_for_service"], true, "{d}");
+    assert!(f.logs("quick_check", &good)[0].contains("session end: PASS"));
+    assert!(f.logs("registration", &good).is_empty());
+
+    let (d, seen) = f
+        .wait(&bad, "retrained", 60, |d| {
+            d["state"] == "IDLE" && f.logs("bootloop", &bad).len() == 2
+        })
+        .await;
+    // Its quick check may have failed while the good one was watched.
+    assert!(seen.contains(&"TRAINING".to_string()), "{seen:?}");
+    assert_eq!(d["ready_for_service"], true, "{d}");
+    let checks = f.logs("quick_check", &bad);
+    assert_eq!(checks.len(), 1, "one quick check only, at start-up");
+    assert!(checks[0].contains("session end: FAIL"), "{}", checks[0]);
+    assert_eq!(f.logs("registration", &bad).len(), 1);
     f.stop().await;
 }
