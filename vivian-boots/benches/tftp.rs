@@ -135,6 +135,44 @@ fn fetch_raw(port: u16, window: u16) -> f64 {
     SIZE as f64 / t.elapsed().as_secs_f64() / 1e6
 }
 
+/// The loopback floor, no TFTP and no file: a sender thread sends
+/// 1472-byte datagrams (a 1468-byte block and its header) to a receiver
+/// that answers a 4-byte "ACK" every `window` datagrams, for 100 MiB.
+/// With `window` 1 this is the kernel's lock-step round trip; returns MB/s.
+fn loopback_floor(window: usize) -> f64 {
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    tx.connect(rx.local_addr().unwrap()).unwrap();
+    rx.connect(tx.local_addr().unwrap()).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let packets = SIZE / 1468;
+    let receiver = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        for i in 1..=packets {
+            rx.recv(&mut buf).expect("floor: datagram lost");
+            if i % window == 0 || i == packets {
+                rx.send(&[0, 4, 0, 0]).unwrap();
+            }
+        }
+    });
+    let pkt = [0u8; 1472];
+    let mut ack = [0u8; 16];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < packets {
+        let n = window.min(packets - sent);
+        for _ in 0..n {
+            tx.send(&pkt).unwrap();
+        }
+        sent += n;
+        tx.recv(&mut ack).expect("floor: ACK lost");
+    }
+    let secs = t.elapsed().as_secs_f64();
+    receiver.join().unwrap();
+    (packets * 1468) as f64 / secs / 1e6
+}
+
 /// Where the server under test runs, to read its CPU time.
 #[derive(Clone, Copy)]
 enum Server {
@@ -264,6 +302,8 @@ fn main() {
         ms(ours_wc),
         ours_w / hpa_w.max(hpa)
     );
+    let floor1 = (0..3).map(|_| loopback_floor(1)).fold(0.0, f64::max);
+    let floor16 = (0..3).map(|_| loopback_floor(16)).fold(0.0, f64::max);
     println!("Same with a minimal in-process client (no file writes):");
     println!(
         "  tftpd-hpa  lock-step           : {raw_hpa:8.1} MB/s  server CPU {}",
@@ -279,4 +319,7 @@ fn main() {
         ms(raw_ours_wc),
         raw_ours_w / raw_hpa
     );
+    println!("Loopback floor (two threads, 1472-byte datagrams, no TFTP, no file), best of 3:");
+    println!("  lock-step                      : {floor1:8.1} MB/s");
+    println!("  an ACK every 16 datagrams      : {floor16:8.1} MB/s");
 }

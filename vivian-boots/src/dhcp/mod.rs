@@ -16,6 +16,7 @@ pub mod packet;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -472,42 +473,105 @@ impl DhcpServer {
         }
     }
 
-    /// Serves until the task is dropped or aborted. Socket errors on
+    /// Serves until the task is dropped or aborted. The socket loop runs
+    /// on a thread of its own with blocking I/O: a packet costs one wake-up
+    /// and two system calls, without a round trip through the runtime's
+    /// reactor. The task owns the thread: once dropped, the thread ends
+    /// (and closes the socket) within [`STOP_POLL`]. Socket errors on
     /// receive are logged and the loop goes on.
-    pub async fn run(mut self) {
-        let mut buf = vec![0u8; 1500];
-        info!(local = ?self.socket.local_addr().ok(), "DHCP server started");
-        loop {
-            let (n, from) = match self.socket.recv_from(&mut buf).await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("DHCP receive error: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let req = match parse_request(&buf[..n]) {
-                Ok(r) => r,
-                Err(e) => {
-                    debug!(%from, "dropping malformed DHCP packet: {e}");
-                    continue;
-                }
-            };
-            let net = match self.network.current() {
-                Ok(n) => n,
-                Err(e) => {
-                    warn!("cannot answer DHCP: {e}");
-                    continue;
-                }
-            };
-            if let Some(answer) = self.engine.handle(&req, net, Instant::now()) {
-                if let Err(e) = self
-                    .socket
-                    .send_to(&answer.bytes, SocketAddr::V4(answer.to))
-                    .await
-                {
-                    warn!(to = %answer.to, "DHCP send error: {e}");
-                }
+    pub async fn run(self) {
+        let DhcpServer {
+            engine,
+            socket,
+            network,
+        } = self;
+        let local = socket.local_addr().ok();
+        let socket = match socket.into_std().and_then(|s| {
+            s.set_nonblocking(false)?;
+            s.set_read_timeout(Some(STOP_POLL))?;
+            Ok(s)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(?local, "DHCP server not started: socket setup: {e}");
+                return;
+            }
+        };
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+        let flag = stop.0.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("dhcp-server".into())
+            .spawn(move || {
+                serve_blocking(&engine, &socket, network, &flag);
+                drop(done_tx);
+            });
+        match spawned {
+            Ok(_) => {
+                info!(?local, "DHCP server started");
+                let _ = done_rx.await;
+            }
+            Err(e) => warn!(?local, "DHCP server not started: {e}"),
+        }
+    }
+}
+
+/// How often the DHCP thread checks whether its task was dropped.
+pub const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Sets the flag when dropped (the task running [`DhcpServer::run`] was).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The DHCP socket loop, blocking, until `stop` is set.
+fn serve_blocking(
+    engine: &DhcpEngine,
+    socket: &std::net::UdpSocket,
+    mut network: NetworkSource,
+    stop: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                warn!("DHCP receive error: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let req = match parse_request(&buf[..n]) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(%from, "dropping malformed DHCP packet: {e}");
+                continue;
+            }
+        };
+        let net = match network.current() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("cannot answer DHCP: {e}");
+                continue;
+            }
+        };
+        if let Some(answer) = engine.handle(&req, net, Instant::now()) {
+            if let Err(e) = socket.send_to(&answer.bytes, SocketAddr::V4(answer.to)) {
+                warn!(to = %answer.to, "DHCP send error: {e}");
             }
         }
     }

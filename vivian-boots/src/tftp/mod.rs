@@ -20,9 +20,9 @@ pub mod packet;
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -30,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use nix::errno::Errno;
+use nix::sys::socket::{sendmmsg, MsgFlags, MultiHeaders};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use vivian_core::netboot::{BootEvent, BootEventKind, BootEventSink, KnownDut};
@@ -505,7 +507,7 @@ fn record_event(
 /// The network namespace of `socket`, when it can be read (SIOCGSKNS) and
 /// differs from this thread's.
 fn netns_of(socket: &UdpSocket) -> Option<OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::FromRawFd;
     use std::os::unix::fs::MetadataExt;
     const SIOCGSKNS: libc::c_ulong = 0x894C;
     // SAFETY: ioctl on a valid socket fd; returns a new fd or -1.
@@ -528,7 +530,6 @@ fn transfer_socket(
     device: Option<&str>,
     client: SocketAddr,
 ) -> Result<StdUdpSocket, String> {
-    use std::os::fd::AsRawFd;
     if let Some(ns) = netns {
         // SAFETY: setns on a namespace fd; affects this thread only.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -560,7 +561,7 @@ impl Transfer {
         // Number of DATA packets: a final short (maybe empty) block always.
         let blocks = self.size / bs + 1;
         let mut rbuf = [0u8; 512];
-        let mut pkt = vec![0u8; 4 + blksize];
+        let mut out = WindowSender::new(blksize, self.params.windowsize);
         self.sock
             .set_read_timeout(Some(self.params.timeout))
             .map_err(|e| e.to_string())?;
@@ -581,10 +582,7 @@ impl Transfer {
                 return Err("server stopping".into());
             }
             let end = (base + self.params.windowsize - 1).min(blocks);
-            for b in base..=end {
-                let n = self.fill(&mut pkt, b, bs)?;
-                self.send(&pkt[..n])?;
-            }
+            out.send(&self.sock, &self.content, self.size, base, end)?;
             // Wait for an ACK that moves the window. The socket's read
             // timeout stays at the transfer's timeout (no setsockopt per
             // block): a stray packet can delay a retransmission by at most
@@ -661,27 +659,6 @@ impl Transfer {
         Err("no ACK for the OACK".into())
     }
 
-    /// Writes DATA block `b` (1-based) into `pkt`; returns its length.
-    fn fill(&self, pkt: &mut [u8], b: u64, bs: u64) -> Result<usize, String> {
-        let offset = (b - 1) * bs;
-        let want = bs.min(self.size.saturating_sub(offset)) as usize;
-        pkt[0..2].copy_from_slice(&packet::opcode::DATA.to_be_bytes());
-        pkt[2..4].copy_from_slice(&(b as u16).to_be_bytes());
-        let mut got = 0;
-        while got < want {
-            match self
-                .content
-                .read_at(&mut pkt[4 + got..4 + want], offset + got as u64)
-            {
-                Ok(0) => break, // file shrank: send what there is
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("read: {e}")),
-            }
-        }
-        Ok(4 + got)
-    }
-
     fn send(&self, pkt: &[u8]) -> Result<(), String> {
         loop {
             match self.sock.send(pkt) {
@@ -693,6 +670,114 @@ impl Transfer {
             }
         }
     }
+}
+
+/// Sends DATA blocks from a reusable buffer: the file bytes of up to
+/// [`WindowSender::BATCH_BYTES`] worth of blocks are read with one `pread`
+/// and sent with one `sendmmsg` (each message a 4-byte header and its slice
+/// of the buffer), so a window costs a few system calls, not two per block.
+struct WindowSender {
+    blksize: usize,
+    /// Blocks per read and `sendmmsg` call.
+    batch: usize,
+    data: Vec<u8>,
+    headers: Vec<[u8; 4]>,
+    mmsg: MultiHeaders<()>,
+    /// No destination address: the socket is connected.
+    addrs: Vec<Option<()>>,
+}
+
+impl WindowSender {
+    /// Most file bytes buffered per transfer (a window of large blocks is
+    /// sent in several batches).
+    const BATCH_BYTES: usize = 256 << 10;
+
+    fn new(blksize: usize, windowsize: u64) -> WindowSender {
+        let window = usize::try_from(windowsize).unwrap_or(usize::MAX);
+        let batch = window.min(Self::BATCH_BYTES / blksize).max(1);
+        WindowSender {
+            blksize,
+            batch,
+            data: vec![0; batch * blksize],
+            headers: vec![[0; 4]; batch],
+            mmsg: MultiHeaders::preallocate(batch, None),
+            addrs: vec![None; batch],
+        }
+    }
+
+    /// Sends blocks `first..=last` (1-based) of `content` (of `size` bytes).
+    fn send(
+        &mut self,
+        sock: &StdUdpSocket,
+        content: &TftpContent,
+        size: u64,
+        first: u64,
+        last: u64,
+    ) -> Result<(), String> {
+        let bs = self.blksize as u64;
+        let mut b = first;
+        while b <= last {
+            let count = usize::try_from(last - b + 1)
+                .unwrap_or(usize::MAX)
+                .min(self.batch);
+            let offset = (b - 1) * bs;
+            let want = (count as u64 * bs).min(size.saturating_sub(offset)) as usize;
+            let got = read_full(content, &mut self.data[..want], offset)?;
+            for (i, h) in self.headers[..count].iter_mut().enumerate() {
+                h[..2].copy_from_slice(&packet::opcode::DATA.to_be_bytes());
+                h[2..].copy_from_slice(&((b + i as u64) as u16).to_be_bytes());
+            }
+            // Block i carries data[i*bs .. (i+1)*bs] cut to what was read: a
+            // short (maybe empty) last block ends the file.
+            let iovs: Vec<[IoSlice<'_>; 2]> = (0..count)
+                .map(|i| {
+                    let start = (i * self.blksize).min(got);
+                    let end = ((i + 1) * self.blksize).min(got);
+                    [
+                        IoSlice::new(&self.headers[i]),
+                        IoSlice::new(&self.data[start..end]),
+                    ]
+                })
+                .collect();
+            let mut done = 0;
+            while done < count {
+                match sendmmsg(
+                    sock.as_raw_fd(),
+                    &mut self.mmsg,
+                    &iovs[done..],
+                    &self.addrs[..count - done],
+                    [],
+                    MsgFlags::empty(),
+                ) {
+                    // (Zero sent cannot happen on a blocking socket; were
+                    // it to, skipping on keeps the loop bounded.)
+                    Ok(r) => done += r.count().max(1),
+                    Err(Errno::EINTR) => {}
+                    // Transient: the socket buffer is full; the window
+                    // logic retransmits what the client did not get.
+                    Err(Errno::ENOBUFS) => break,
+                    Err(e) => return Err(format!("send: {e}")),
+                }
+            }
+            b += count as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`, fewer only if the content ends
+/// first (a file that shrank: what there is gets sent).
+fn read_full(content: &TftpContent, buf: &mut [u8], offset: u64) -> Result<usize, String> {
+    let mut got = 0;
+    while got < buf.len() {
+        match content.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    Ok(got)
 }
 
 fn is_timeout(e: &io::Error) -> bool {
