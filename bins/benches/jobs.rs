@@ -19,7 +19,10 @@
 //!
 //! Environment: `BENCH_JOBS` (submissions, default 100), `BENCH_LINES`
 //! (console lines per DUT, default 500), `BENCH_LINE_INTERVAL_MS` (default
-//! 5).
+//! 5); `RUST_LOG` (e.g. `debug,hyper=info,reqwest=info`) prints the farm's
+//! events with time stamps, to see where the time goes (the engine logs
+//! each setup step: connected back, job parsed, console attached; the PDU
+//! layer and the virtual PDU log each command).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -53,6 +56,15 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     v[rank.clamp(1, v.len()) - 1]
+}
+
+/// The machine's load (`/proc/loadavg`: 1, 5 and 15 minutes), printed
+/// with the figures: the machine may be shared.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn report(name: &str, mut ms: Vec<f64>, target_p99: f64) {
@@ -249,8 +261,10 @@ async fn main() {
     std::fs::write(artifacts.join("latency"), script).unwrap();
     let dut0 = vivian::vpdu::outlet_mac(0);
     println!(
-        "jobs bench: in-process farm, 4 simulated DUTs, REST API on {}",
-        farm.api_url
+        "jobs bench: in-process farm, 4 simulated DUTs, REST API on {}; {} CPUs, load average {}",
+        farm.api_url,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load()
     );
 
     // 1. Submission to power-on, one job at a time on DUT 0.
@@ -315,5 +329,6 @@ async fn main() {
         all.extend(lat);
     }
     report("console latency DUT -> client (4 DUTs at once)", all, 10.0);
+    println!("load average at the end: {}", load());
     farm.stop().await;
 }

@@ -842,20 +842,30 @@ async fn infra_setup_expires_and_is_never_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn infra_teardown_expires_when_the_client_keeps_the_connection() {
     let f = Farm::start(1).await;
-    // `infra_teardown` cannot have retries (EX B.3): refused at submission.
-    let retried = job(
-        &["sim"],
-        &format!("{PATTERNS}\n  infra_teardown: {{seconds: 1, retries: 1}}"),
-        &["print JOB_RESULT=PASS", "poweroff"],
-    );
-    let (status, out) = f
-        .executorctl(&f.write_job("retried.yml", &retried), &[])
-        .await;
-    assert_eq!(status, JobStatus::SetupFail, "{out}");
-    assert!(
-        out.contains("Neither the overall nor the teardown timeout can have retries"),
-        "{out}"
-    );
+    // Neither `infra_teardown` nor `overall` can have retries (EX B.3):
+    // refused at submission, with the reason.
+    for (name, timeout) in [
+        (
+            "teardown-retried",
+            "infra_teardown: {seconds: 1, retries: 1}",
+        ),
+        ("overall-retried", "overall: {seconds: 30, retries: 1}"),
+    ] {
+        let text = job(
+            &["sim"],
+            &format!("console_patterns:\n  session_end: {{regex: \"reboot: Power down\"}}\ntimeouts:\n  {timeout}"),
+            &["print JOB_RESULT=PASS", "poweroff"],
+        );
+        let (status, out) = f
+            .executorctl(&f.write_job(&format!("{name}.yml"), &text), &[])
+            .await;
+        assert_eq!(status, JobStatus::SetupFail, "{name}: {out}");
+        assert!(
+            out.contains("Neither the overall nor the teardown timeout can have retries"),
+            "{name}: {out}"
+        );
+    }
+    assert!(f.logs().is_empty(), "nothing ran: {:?}", f.logs());
 
     // A client that gets its verdict and does not close the connection:
     // the executor waits `infra_teardown` (2 s), then closes it and frees
