@@ -5,7 +5,10 @@
 //! Besides DORA/s (which on a shared 2-core machine depends on what else
 //! runs, perfdhcp included), it prints the server's CPU time per DORA
 //! (getrusage of this process, where the server runs) and the rate one
-//! fully used core would sustain at that cost.
+//! fully used core would sustain at that cost. perfdhcp runs in its
+//! single-thread mode (`-g single`): its default on several CPUs adds a
+//! receiver thread that, on this 2-core machine, takes CPU from the server
+//! without sending more.
 //!
 //! `cargo bench -p vivian-boots --bench dhcp` (needs root and perfdhcp).
 
@@ -138,6 +141,8 @@ fn main() {
             &[
                 "perfdhcp",
                 "-4",
+                "-g",
+                "single",
                 "-l",
                 "v1",
                 "-r",
