@@ -9,12 +9,15 @@
 //!   echoes its kernel command line on its console (the designed way for
 //!   the DUT to receive them, as with the reference).
 
+mod process_support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use process_support::{free_port, wait_for, Proc};
 use vivian_core::storage::{Credentials, IpPolicyStyle};
 use vivian_storage::testing::Seaweed;
 use vivian_storage::{IamAdmin, S3Store};
@@ -22,38 +25,6 @@ use warp::Filter;
 
 // vpdu's simulated DUT on port 1.
 const DUT: &str = "52:54:00:11:22:01";
-
-/// Kills the child process (SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_for(url: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
-    for _ in 0..300 {
-        if let Ok(r) = reqwest::get(url).await {
-            if let Ok(v) = r.json::<serde_json::Value>().await {
-                if ok(&v) {
-                    return;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: {url} never answered as expected");
-}
 
 /// What the DUTs handed to the recorder: (bucket, access key, secret).
 type Seen = Arc<Mutex<Vec<(String, String, String)>>>;

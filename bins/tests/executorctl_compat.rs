@@ -8,6 +8,7 @@
 //! DUT), getting the console streamed and exiting with each verdict.
 
 mod executorctl_support;
+mod process_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,6 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use executorctl_support::{standard_script, write_job, FakeExecutor};
+use process_support::{free_port, wait_for, Proc};
 use vivian_core::job::JobStatus;
 use vivian_core::protocol::{FrameDecoder, Message, Payload, SubmissionMetadata};
 
@@ -266,38 +268,6 @@ print(json.dumps(out))
         );
     }
     assert_eq!(report[9][1], vivian_core::protocol::EOF_MID_FRAME);
-}
-
-/// Kills the child process when dropped.
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn wait_for(url: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
-    for _ in 0..300 {
-        if let Ok(r) = reqwest::get(url).await {
-            if let Ok(v) = r.json::<serde_json::Value>().await {
-                if ok(&v) {
-                    return;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: {url} never answered as expected");
 }
 
 /// Our real executor, as an operator runs it: `salad`, `vpdu` with

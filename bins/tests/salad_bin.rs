@@ -2,27 +2,14 @@
 //! activation of its HTTP API (started by `systemd-socket-activate` on the
 //! first connection), with a netconsole bound to a machine end to end.
 
+mod process_support;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use process_support::{free_port, Proc};
 
 fn http_get(port: u16, path: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -57,7 +44,7 @@ fn salad_binary_is_socket_activated_and_binds_netconsoles() {
         .stderr(Stdio::null())
         .spawn()
         .expect("systemd-socket-activate (Debian package systemd) is needed");
-    let _guard = Kill(child);
+    let _guard = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", http)).is_err() {
         assert!(
