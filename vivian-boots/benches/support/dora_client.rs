@@ -65,9 +65,9 @@ fn mac(i: usize) -> [u8; 6] {
     [0x02, 0x76, 0x69, (i >> 16) as u8, (i >> 8) as u8, i as u8]
 }
 
-/// Writes a relayed DHCP request into `buf` (fixed layout, 260 bytes).
+/// Writes a relayed DHCP request into `buf` (fixed layout, 300 bytes as BOOTP clients send).
 fn write_packet(
-    buf: &mut [u8; 260],
+    buf: &mut [u8; 300],
     xid: u32,
     mac: [u8; 6],
     giaddr: Ipv4Addr,
@@ -133,7 +133,7 @@ fn parse_reply(b: &[u8]) -> Option<Reply> {
 /// Checks the hand-written layout with dhcproto once.
 fn check_layout(giaddr: Ipv4Addr) {
     use dhcproto::{v4, Decodable, Decoder};
-    let mut buf = [0u8; 260];
+    let mut buf = [0u8; 300];
     let c = Client {
         state: State::Request,
         xid: 7,
@@ -200,11 +200,11 @@ pub fn run(
         p99_us: 0,
         client_cpu: Duration::ZERO,
     };
-    let mut out = [0u8; 260];
+    let mut out = [0u8; 300];
     let mut inb = [0u8; 1500];
     let mut last_scan = t0;
     let end = t0 + duration;
-    let send = |out: &[u8; 260], r: &mut Report| match sock.send_to(out, to) {
+    let send = |out: &[u8; 300], r: &mut Report| match sock.send_to(out, to) {
         Ok(_) => r.sent += 1,
         Err(e) if e.kind() == ErrorKind::WouldBlock => {}
         Err(e) => panic!("send: {e}"),
