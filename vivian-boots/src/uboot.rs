@@ -139,12 +139,28 @@ pub struct HttpFetcher {
 
 impl Default for HttpFetcher {
     fn default() -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .build()
-            .unwrap_or_default();
-        HttpFetcher { client }
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(Duration::from_secs(60))
+        };
+        let client = builder().build().or_else(|e| {
+            // No system CA certificates (no ca-certificates package):
+            // http:// downloads still work, https:// ones fail with a
+            // certificate error naming the URL.
+            tracing::warn!(error = %e, "no TLS root certificates: U-Boot artifact downloads over https will fail");
+            builder().tls_certs_only([]).build()
+        });
+        HttpFetcher {
+            // A builder without TLS roots cannot fail; a client without
+            // timeouts is the last resort rather than a panic.
+            client: client.unwrap_or_else(|_| {
+                reqwest::Client::builder()
+                    .tls_certs_only([])
+                    .build()
+                    .unwrap_or_default()
+            }),
+        }
     }
 }
 

@@ -70,14 +70,27 @@ const MAX_MESSAGE: usize = 300;
 impl GitlabClient {
     /// A client with these options. Fails only if the TLS backend cannot
     /// be initialised.
+    ///
+    /// Without system CA certificates (no `ca-certificates` package) the
+    /// client is still built, without TLS roots, and a warning logged: a
+    /// farm with no GitLab runners works, and requests to an https GitLab
+    /// fail with a certificate error naming the instance.
     pub fn new(options: GitlabClientOptions) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(options.request_timeout)
-            .connect_timeout(options.connect_timeout)
-            .user_agent(concat!("vivian-gitlab/", env!("CARGO_PKG_VERSION")))
-            .danger_accept_invalid_certs(options.danger_accept_invalid_certs)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(options.request_timeout)
+                .connect_timeout(options.connect_timeout)
+                .user_agent(concat!("vivian-gitlab/", env!("CARGO_PKG_VERSION")))
+                .danger_accept_invalid_certs(options.danger_accept_invalid_certs)
+                .redirect(reqwest::redirect::Policy::none())
+        };
+        let http = match builder().build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no TLS root certificates: GitLab over https will fail until ca-certificates is installed");
+                builder().tls_certs_only([]).build()?
+            }
+        };
         Ok(GitlabClient { http, options })
     }
 

@@ -73,11 +73,24 @@ impl SaladClient {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| bad(e.to_string()))?;
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .connect_timeout(Duration::from_secs(5))
+        };
+        let http = match builder().build() {
+            Ok(c) => c,
+            // No system CA certificates (no ca-certificates package): an
+            // http:// SALAD needs none, so go on without TLS roots.
+            Err(e) if parsed.scheme() == "http" => {
+                tracing::debug!(error = %e, "no TLS roots for the SALAD client; not needed for http");
+                builder()
+                    .tls_certs_only([])
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?
+            }
+            Err(e) => return Err(bad(format!("cannot set up TLS for SALAD_URL: {e}"))),
+        };
         Ok(Self {
             base: url.trim_end_matches('/').to_string(),
             host,
