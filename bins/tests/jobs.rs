@@ -10,45 +10,15 @@
 //! `machine_unfit_for_service` hand-over to training, job variables) run on
 //! the in-process demo farm at the end of the file.
 
+mod process_support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use process_support::{free_port, wait_for, Proc};
 use vivian_core::job::JobStatus;
 use vivian_core::protocol::{FrameDecoder, Payload};
-
-/// Kills the child process when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Polls `url` (bounded: 30 s) until its JSON satisfies `ok`.
-async fn wait_for(url: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
-    for _ in 0..300 {
-        if let Ok(r) = reqwest::get(url).await {
-            if let Ok(v) = r.json::<serde_json::Value>().await {
-                if ok(&v) {
-                    return;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: {url} never answered as expected");
-}
 
 /// The MAC address of the simulated DUT on outlet `i`.
 fn mac(i: u16) -> String {
