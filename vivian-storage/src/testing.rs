@@ -118,7 +118,23 @@ impl std::fmt::Debug for Seaweed {
 
 impl Seaweed {
     /// Starts SeaweedFS and waits until its S3 port answers (at most 60 s).
+    ///
+    /// The ports are free when chosen but weed binds them a moment later:
+    /// another process, or an outgoing connection's ephemeral port, may
+    /// take one in between. Then weed exits with "address already in use"
+    /// and it is started again on new ports (three attempts at most).
     pub fn start() -> Result<Seaweed, String> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once() {
+                Err(e) if attempt < 3 && e.contains("address already in use") => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// One start, on ports chosen now.
+    fn start_once() -> Result<Seaweed, String> {
         let bin = venv()?;
         let weed = bin.join("weed");
         if !weed.exists() {
