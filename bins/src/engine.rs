@@ -492,7 +492,7 @@ impl Session {
         }
         drop(report);
         let _ = pump.await;
-        self.bucket.teardown(&self.job.cancel).await;
+        self.bucket.teardown().await;
         Some(outcome)
     }
 

@@ -12,9 +12,10 @@
 //!   `job_bucket`, `job_bucket_access_key`, `job_bucket_secret_key`;
 //! * end of the job: [`SessionBucket::session_end_message`] creates the
 //!   "client" credential and puts its URL in `session_end`;
-//! * teardown, on every path out: [`SessionBucket::teardown`] waits for the
-//!   client to download the bucket and close the connection (bounded),
-//!   then removes the bucket, users and policies.
+//! * teardown, on every path out: [`SessionBucket::teardown`] removes the
+//!   bucket, users and policies (the engine has already waited, bounded by
+//!   the job's `infra_teardown`, for the client to download the bucket and
+//!   close the connection).
 //!
 //! A journal (JSON, written atomically) lists what live jobs created, so
 //! that an executor killed mid-job has its leftovers removed at the next
@@ -23,23 +24,16 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::task::JoinHandle;
 
-use vivian_core::farm::{CancelToken, FarmError, JobSubmission};
+use vivian_core::farm::{FarmError, JobSubmission};
 use vivian_core::job::{JobBucketVars, JobStatus};
 use vivian_core::protocol::{self, Message, Payload};
 use vivian_core::storage::{
     Credentials, IdentityAdmin, IpPolicyStyle, JobBucket, JobResources, JobStorage, MinioRequest,
     StorageError,
 };
-
-/// How long the executor waits, after `session_end`, for the client to
-/// download the bucket and close the connection (the reference waits for
-/// `infra_teardown`, 10 minutes by default).
-pub const DEFAULT_CLIENT_WAIT: Duration = Duration::from_secs(600);
 
 /// The journal of live jobs' resources: a JSON list of
 /// [`JobResources`], written atomically (temp + fsync + rename).
@@ -95,7 +89,6 @@ impl Journal {
 pub struct JobBuckets {
     storage: JobStorage,
     journal: Option<Arc<Journal>>,
-    client_wait: Duration,
 }
 
 impl std::fmt::Debug for JobBuckets {
@@ -113,7 +106,6 @@ impl JobBuckets {
         JobBuckets {
             storage,
             journal: None,
-            client_wait: DEFAULT_CLIENT_WAIT,
         }
     }
 
@@ -129,12 +121,6 @@ impl JobBuckets {
             .storage
             .with_resource_hook(Arc::new(move |bucket, entry| hook.set(bucket, entry)));
         self.journal = Some(j);
-        self
-    }
-
-    /// How long to wait for the client after `session_end`.
-    pub fn with_client_wait(mut self, wait: Duration) -> Self {
-        self.client_wait = wait;
         self
     }
 
@@ -287,8 +273,6 @@ pub async fn check_submission(
 #[derive(Default)]
 struct State {
     bucket: Option<JobBucket>,
-    offered: bool,
-    client_reader: Option<JoinHandle<()>>,
 }
 
 /// One job's bucket, through the engine's steps (see the module
@@ -378,7 +362,6 @@ impl SessionBucket {
                         bucket_name: jb.name.to_string(),
                     });
                 }
-                st.offered = true;
             }
             Err(e) => {
                 tracing::error!(bucket = %jb.name, "cannot create the client credential: {e}")
@@ -387,45 +370,11 @@ impl SessionBucket {
         msg
     }
 
-    /// Keeps the task reading the client's connection: when a bucket was
-    /// offered, [`SessionBucket::teardown`] waits for it to end (the client
-    /// closes after downloading). Without object storage it is aborted.
-    pub fn keep_client_reader(&self, reader: JoinHandle<()>) {
-        if self.buckets.is_none() {
-            reader.abort();
-            return;
-        }
-        match self.state.try_lock() {
-            Ok(mut st) => {
-                if let Some(old) = st.client_reader.replace(reader) {
-                    old.abort();
-                }
-            }
-            Err(_) => reader.abort(),
-        }
-    }
-
-    /// Waits for the client (when a bucket was offered; bounded, ended by
-    /// `cancel`), then removes the bucket and every credential. Safe to
-    /// call on every path out, more than once.
-    pub async fn teardown(&self, cancel: &CancelToken) {
+    /// Removes the bucket and every credential. Safe to call on every path
+    /// out, more than once.
+    pub async fn teardown(&self) {
         let Some(b) = &self.buckets else { return };
         let mut st = self.state.lock().await;
-        if let Some(reader) = st.client_reader.take() {
-            if st.offered {
-                let abort = reader.abort_handle();
-                tokio::select! {
-                    _ = reader => {}
-                    _ = tokio::time::sleep(b.client_wait) => {
-                        tracing::warn!("the client did not close the connection in time: removing the job bucket");
-                        abort.abort();
-                    }
-                    _ = cancel.cancelled() => abort.abort(),
-                }
-            } else {
-                reader.abort();
-            }
-        }
         if let Some(jb) = st.bucket.take() {
             let name = jb.name.to_string();
             // Dropped from the journal once removed.
@@ -434,16 +383,6 @@ impl SessionBucket {
                 Err(e) => {
                     tracing::error!(bucket = %name, "the job bucket was not fully removed (kept in the journal for the next start): {e}")
                 }
-            }
-        }
-    }
-}
-
-impl Drop for SessionBucket {
-    fn drop(&mut self) {
-        if let Ok(st) = self.state.try_lock() {
-            if let Some(r) = &st.client_reader {
-                r.abort();
             }
         }
     }

@@ -298,8 +298,7 @@ async fn job_bucket_end_to_end_on_seaweedfs() {
     let buckets = Arc::new(
         connect(&sw.url, &sw.admin, AdminApi::Iam(style))
             .await
-            .unwrap()
-            .with_client_wait(Duration::from_secs(30)),
+            .unwrap(),
     );
     let f = DemoFarm::start(DemoOptions {
         duts: 1,
@@ -424,8 +423,7 @@ async fn reference_client_receives_a_usable_access_url() {
     let buckets = Arc::new(
         connect(&sw.url, &sw.admin, AdminApi::Iam(style))
             .await
-            .unwrap()
-            .with_client_wait(Duration::from_secs(30)),
+            .unwrap(),
     );
     let f = DemoFarm::start(DemoOptions {
         duts: 1,
