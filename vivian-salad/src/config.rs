@@ -72,6 +72,14 @@ pub struct SaladConfig {
     pub usb_reset_power_off: Duration,
     /// Root of sysfs, `/sys` (tests use a fake tree).
     pub sysfs_root: PathBuf,
+    /// Wake-up batching of the `salad` binary's runtime
+    /// (`SALAD_BATCH_MS`, 0-20, default 2; 0 disables it): see
+    /// [`crate::runtime`]. The library itself runs on whatever runtime
+    /// starts it and does not read this.
+    pub batch: Duration,
+    /// Threads of the `salad` binary's runtime (`SALAD_THREADS`, 1-64,
+    /// default 1): see [`crate::runtime`]. Not read by the library either.
+    pub threads: usize,
 }
 
 impl Default for SaladConfig {
@@ -93,6 +101,8 @@ impl Default for SaladConfig {
             usb_reset_disabled: false,
             usb_reset_power_off: Duration::from_secs(3),
             sysfs_root: PathBuf::from("/sys"),
+            batch: crate::runtime::DEFAULT_BATCH,
+            threads: 1,
         }
     }
 }
@@ -175,6 +185,37 @@ impl SaladConfig {
                 })?;
             c.scan_interval = Duration::from_millis(ms);
         }
+        if let Some(v) = get("SALAD_BATCH_MS") {
+            let max = crate::runtime::MAX_BATCH.as_millis() as u64;
+            let ms: u64 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&ms| ms <= max)
+                .ok_or_else(|| {
+                    err(
+                        "SALAD_BATCH_MS",
+                        &v,
+                        &format!("expected whole milliseconds between 0 and {max}"),
+                    )
+                })?;
+            c.batch = Duration::from_millis(ms);
+        }
+        if let Some(v) = get("SALAD_THREADS") {
+            let max = crate::runtime::MAX_THREADS;
+            c.threads = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| {
+                    err(
+                        "SALAD_THREADS",
+                        &v,
+                        &format!("expected a whole number of threads between 1 and {max}"),
+                    )
+                })?;
+        }
         if let Some(v) = get("SALAD_LOG_DIR") {
             c.log_dir = if v.trim().is_empty() {
                 None
@@ -220,6 +261,8 @@ mod tests {
         assert_eq!(c.baud_rate, 115200);
         assert_eq!(c.serial_globs, vec!["/dev/ttyUSB*", "/dev/ttyACM*"]);
         assert_eq!(c.usb_reset_power_off, Duration::from_secs(3));
+        assert_eq!(c.batch, Duration::from_millis(2));
+        assert_eq!(c.threads, 1);
     }
 
     #[test]
@@ -237,6 +280,21 @@ mod tests {
         assert!(c.log_dir.is_none());
         let e = cfg(&[("SALAD_TCPCONSOLE_PORT", "80x")]).unwrap_err();
         assert!(e.to_string().contains("SALAD_TCPCONSOLE_PORT"), "{e}");
+        assert_eq!(
+            cfg(&[("SALAD_BATCH_MS", "0")]).unwrap().batch,
+            Duration::ZERO
+        );
+        assert_eq!(cfg(&[("SALAD_THREADS", "4")]).unwrap().threads, 4);
+        for bad in ["0", "65", "two"] {
+            let e = cfg(&[("SALAD_THREADS", bad)]).unwrap_err();
+            assert!(e.to_string().contains("SALAD_THREADS"), "{e}");
+            assert!(e.to_string().contains("between 1 and 64"), "{e}");
+        }
+        for bad in ["21", "-1", "1.5", "fast"] {
+            let e = cfg(&[("SALAD_BATCH_MS", bad)]).unwrap_err();
+            assert!(e.to_string().contains("SALAD_BATCH_MS"), "{e}");
+            assert!(e.to_string().contains("between 0 and 20"), "{e}");
+        }
         let e = cfg(&[("SALAD_SERIAL_GLOBS", "/dev/[tty")]).unwrap_err();
         assert!(e.to_string().contains("SALAD_SERIAL_GLOBS"), "{e}");
     }

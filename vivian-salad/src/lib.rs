@@ -51,6 +51,7 @@ mod console;
 pub mod http;
 mod machine;
 mod reset;
+pub mod runtime;
 mod salad;
 
 pub use client::{InProcessConsoles, SaladClient, DEFAULT_SALAD_URL};

@@ -12,17 +12,25 @@
 //! - `SALAD_SERIAL_GLOBS` (`/dev/ttyUSB*,/dev/ttyACM*`),
 //!   `SALAD_SERIAL_SCAN_MS` (500): serial ports and hot-plug scan period;
 //! - `SALAD_LOG_DIR` (`/var/log/salad`, empty to disable): console logs;
-//! - `SALAD_CONSOLE_USB_RESET_DISABLE`, `SALAD_CONSOLE_USB_RESET_POWER_OFF_TIME`.
+//! - `SALAD_CONSOLE_USB_RESET_DISABLE`, `SALAD_CONSOLE_USB_RESET_POWER_OFF_TIME`;
+//! - `SALAD_BATCH_MS` (2, 0-20; 0 disables it) and `SALAD_THREADS` (1):
+//!   wake-up batching and threads of the runtime, see `vivian_salad::runtime`.
 
 use anyhow::Context;
 use vivian_salad::{serve_http, Salad, SaladConfig};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
-        println!("usage: salad\n\nA SALAD-compatible serial console multiplexer, configured by environment variables (SALAD_PORT, SALAD_TCPCONSOLE_PORT, SALAD_SERIAL_GLOBS, SALAD_LOG_DIR, ...): see the vivian-salad crate documentation.");
+        println!("usage: salad\n\nA SALAD-compatible serial console multiplexer, configured by environment variables (SALAD_PORT, SALAD_TCPCONSOLE_PORT, SALAD_SERIAL_GLOBS, SALAD_LOG_DIR, SALAD_BATCH_MS, SALAD_THREADS, ...): see the vivian-salad crate documentation.");
         return Ok(());
     }
+    let config = SaladConfig::from_env()?;
+    let runtime = vivian_salad::runtime::build(config.batch, config.threads)
+        .context("cannot start the multiplexer's runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: SaladConfig) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -31,7 +39,6 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
-    let config = SaladConfig::from_env()?;
     let listeners = socket_activated_listeners()?;
     let mut listeners = listeners;
     let http_port = config.http_port;

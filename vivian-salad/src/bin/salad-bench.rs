@@ -30,11 +30,22 @@
 //! load generator and the bench warns that the offered rate fell short.
 //! CPU time is measured the same way in both modes.
 //!
-//! The multiplexer runs on a multi-thread tokio runtime, as in the `salad`
-//! binary; `--current-thread` runs it on a current-thread runtime instead.
+//! The multiplexer runs on the runtime of the `salad` binary
+//! ([`vivian_salad::runtime::build`]: one thread, wake-ups batched by
+//! `--batch-ms`, default 2 as `SALAD_BATCH_MS`; `--threads` as
+//! `SALAD_THREADS`); `--multi-thread` runs it on tokio's default
+//! multi-thread runtime instead (no batching), for comparison.
+//!
+//! `--floor` replaces the multiplexer with the least a forwarder can do: one
+//! thread, level-triggered `epoll`, one `recv` from the console and one
+//! `send` to its client per ready console, no line splitting, no log, no
+//! runtime, the same wake-up batching. Its CPU per chunk is the kernel's
+//! price of the data path on this machine, the floor for the multiplexer's
+//! figure; it speaks just enough of the protocol (the `SALAD.machine_id`
+//! line, `GET /api/v1/machine/<id>`) for the same load generator.
 //!
 //! Usage: `cargo run --release -p vivian-salad --bin salad-bench -- [--consoles 500]
-//! [--seconds 10] [--chunk-ms 10] [--baud 115200] [--realtime] [--current-thread]`
+//! [--seconds 10] [--chunk-ms 10] [--baud 115200] [--realtime] [--batch-ms 2] [--threads 1] [--multi-thread] [--floor]`
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -52,10 +63,13 @@ struct Args {
     chunk_ms: u64,
     baud: u64,
     realtime: bool,
-    current_thread: bool,
+    batch_ms: u64,
+    threads: usize,
+    multi_thread: bool,
+    floor: bool,
 }
 
-const USAGE: &str = "usage: salad-bench [--consoles N] [--seconds S] [--chunk-ms MS] [--baud B] [--realtime] [--current-thread]";
+const USAGE: &str = "usage: salad-bench [--consoles N] [--seconds S] [--chunk-ms MS] [--baud B] [--realtime] [--batch-ms MS] [--threads N] [--multi-thread] [--floor]";
 
 fn parse_args() -> Result<(Args, bool), String> {
     let mut a = Args {
@@ -64,7 +78,10 @@ fn parse_args() -> Result<(Args, bool), String> {
         chunk_ms: 10,
         baud: 115_200,
         realtime: false,
-        current_thread: false,
+        batch_ms: vivian_salad::runtime::DEFAULT_BATCH.as_millis() as u64,
+        threads: 1,
+        multi_thread: false,
+        floor: false,
     };
     let mut serve = false;
     let mut it = std::env::args().skip(1);
@@ -78,8 +95,12 @@ fn parse_args() -> Result<(Args, bool), String> {
                 a.realtime = true;
                 continue;
             }
-            "--current-thread" => {
-                a.current_thread = true;
+            "--multi-thread" => {
+                a.multi_thread = true;
+                continue;
+            }
+            "--floor" => {
+                a.floor = true;
                 continue;
             }
             "--help" | "-h" => return Err(USAGE.into()),
@@ -94,6 +115,8 @@ fn parse_args() -> Result<(Args, bool), String> {
             "--seconds" => a.seconds = n.max(1),
             "--chunk-ms" => a.chunk_ms = n.max(1),
             "--baud" => a.baud = n.max(10),
+            "--batch-ms" => a.batch_ms = n,
+            "--threads" => a.threads = n as usize,
             _ => return Err(format!("unknown option {k}\n{USAGE}")),
         }
     }
@@ -117,8 +140,12 @@ fn main() {
             GENERATOR_PRIORITY
         });
     }
+    if serve && args.floor {
+        floor::serve(Duration::from_millis(args.batch_ms));
+        return;
+    }
     if serve {
-        serve_main(args.current_thread);
+        serve_main(&args);
         return;
     }
     bench_main(args);
@@ -146,14 +173,15 @@ fn set_fifo(priority: i32) {
 }
 
 /// The multiplexer under test, in its own process.
-fn serve_main(current_thread: bool) {
-    let rt = if current_thread {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    } else {
+fn serve_main(args: &Args) {
+    let rt = if args.multi_thread {
         tokio::runtime::Runtime::new().unwrap()
+    } else {
+        vivian_salad::runtime::build(Duration::from_millis(args.batch_ms), args.threads)
+            .unwrap_or_else(|e| {
+                eprintln!("salad-bench: --batch-ms/--threads: {e}");
+                std::process::exit(2)
+            })
     };
     rt.block_on(async {
         let logs = std::env::temp_dir().join(format!("salad-bench-{}", std::process::id()));
@@ -286,7 +314,10 @@ fn bench_main(args: Args) {
     let mut child = Command::new(exe)
         .arg("--serve")
         .args(args.realtime.then_some("--realtime"))
-        .args(args.current_thread.then_some("--current-thread"))
+        .args(args.multi_thread.then_some("--multi-thread"))
+        .args(args.floor.then_some("--floor"))
+        .args(["--batch-ms".to_string(), args.batch_ms.to_string()])
+        .args(["--threads".to_string(), args.threads.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -487,12 +518,17 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
         args.baud / 10,
         args.chunk_ms,
         wall,
-        match (args.realtime, args.current_thread) {
-            (false, false) => "",
-            (true, false) => " (SCHED_FIFO)",
-            (false, true) => " (current-thread runtime)",
-            (true, true) => " (SCHED_FIFO, current-thread runtime)",
-        },
+        format!(
+            "{}{}",
+            if args.realtime { ", SCHED_FIFO" } else { "" },
+            if args.floor {
+                format!(", FLOOR: bare epoll forwarder, {} ms batching", args.batch_ms)
+            } else if args.multi_thread {
+                ", multi-thread runtime".to_string()
+            } else {
+                format!(", {} thread(s), {} ms batching", args.threads, args.batch_ms)
+            }
+        ),
         sent_bytes as f64 / wall / 1e6,
         sent_chunks as f64 / wall,
         recv as f64 / wall / 1e6,
@@ -514,4 +550,185 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
         100.0 * others,
         ncpu,
     )
+}
+
+/// The floor: a bare forwarder under the same load (see the module docs).
+mod floor {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    /// Machine id → its client port.
+    type Ports = Arc<Mutex<HashMap<String, u16>>>;
+
+    pub fn serve(batch: Duration) {
+        let netconsole = TcpListener::bind("127.0.0.1:0").unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").unwrap();
+        println!(
+            "READY {} {}",
+            netconsole.local_addr().unwrap(),
+            http.local_addr().unwrap()
+        );
+        let ports: Ports = Arc::default();
+        let (pairs_tx, pairs_rx) = mpsc::channel::<(TcpStream, TcpStream)>();
+        std::thread::spawn(move || forward(pairs_rx, batch));
+        let p = ports.clone();
+        std::thread::spawn(move || {
+            for c in http.incoming().flatten() {
+                let p = p.clone();
+                std::thread::spawn(move || answer_http(c, &p));
+            }
+        });
+        std::thread::spawn(move || {
+            for console in netconsole.incoming().flatten() {
+                let ports = ports.clone();
+                let tx = pairs_tx.clone();
+                std::thread::spawn(move || bind_console(console, &ports, &tx));
+            }
+        });
+        // Exit when the parent closes our stdin.
+        let mut buf = [0u8; 16];
+        while std::io::stdin()
+            .read(&mut buf)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+    }
+
+    /// Read the console's `SALAD.machine_id=<id>` line, open the machine's
+    /// client port, hand the pair to the forwarder once the client came.
+    fn bind_console(
+        mut console: TcpStream,
+        ports: &Ports,
+        tx: &mpsc::Sender<(TcpStream, TcpStream)>,
+    ) {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.last() != Some(&b'\n') {
+            if console.read(&mut b).unwrap_or(0) == 0 {
+                return;
+            }
+            line.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&line);
+        let Some(id) = text.trim().strip_prefix("SALAD.machine_id=") else {
+            return;
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        ports
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), l.local_addr().unwrap().port());
+        if let Ok((client, _)) = l.accept() {
+            client.set_nodelay(true).unwrap();
+            let _ = tx.send((console, client));
+        }
+    }
+
+    /// `GET /api/v1/machine/<id>` → `{"tcp_port": ...}`, keep-alive.
+    fn answer_http(mut c: TcpStream, ports: &Ports) {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") else {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&req[..end]).into_owned();
+            req.drain(..end + 4);
+            let id = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.strip_prefix("/api/v1/machine/"))
+                .unwrap_or("")
+                .to_string();
+            // The console's id line may still be on its way: wait for it
+            // (bounded).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let port = loop {
+                if let Some(p) = ports.lock().unwrap().get(&id) {
+                    break Some(*p);
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            let (status, body) = match port {
+                Some(p) => ("200 OK", format!("{{\"id\":\"{id}\",\"tcp_port\":{p}}}")),
+                None => ("404 Not Found", "{}".to_string()),
+            };
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if c.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The data path: level-triggered epoll over the consoles; per ready
+    /// console one `recv` and one `send` to its client.
+    fn forward(pairs: mpsc::Receiver<(TcpStream, TcpStream)>, batch: Duration) {
+        // SAFETY: plain epoll calls on descriptors owned by `all`, which
+        // outlives every registration.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(
+            ep >= 0,
+            "epoll_create1: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut all: Vec<(TcpStream, TcpStream)> = Vec::new();
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+        let mut buf = vec![0u8; 8192];
+        let mut last_wake = Instant::now();
+        loop {
+            while let Ok((console, client)) = pairs.try_recv() {
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: all.len() as u64,
+                };
+                let fd = console.as_raw_fd();
+                all.push((console, client));
+                // SAFETY: see above.
+                let r = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+                assert_eq!(r, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+            }
+            let awake = last_wake.elapsed();
+            if awake < batch {
+                std::thread::sleep(batch - awake);
+            }
+            // SAFETY: see above; `events` has room for 1024 entries.
+            let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 1024, 10) };
+            last_wake = Instant::now();
+            for ev in &events[..n.max(0) as usize] {
+                let (console, client) = &all[ev.u64 as usize];
+                let k = match (&*console).read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        // The load generator is done: stop watching it.
+                        // SAFETY: see above.
+                        unsafe {
+                            libc::epoll_ctl(
+                                ep,
+                                libc::EPOLL_CTL_DEL,
+                                console.as_raw_fd(),
+                                std::ptr::null_mut(),
+                            )
+                        };
+                        continue;
+                    }
+                    Ok(k) => k,
+                };
+                let _ = (&*client).write_all(&buf[..k]);
+            }
+        }
+    }
 }
