@@ -170,12 +170,26 @@ async fn load(port: u16, paths: Vec<String>, seconds: f64) -> Result {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
+}
+
+/// RSS with its split: anonymous memory (heap, stacks, relocated data) and
+/// file-backed pages (the executable's code and read-only data as the
+/// kernel mapped them, shared with the page cache).
+fn rss(pid: u32) -> String {
+    let mib = |f| status_kib(pid, f) as f64 / 1024.0;
+    format!(
+        "{:.1} MiB (anonymous {:.1} MiB, file-backed {:.1} MiB)",
+        mib("VmRSS"),
+        mib("RssAnon"),
+        mib("RssFile")
+    )
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -253,6 +267,12 @@ fn main() {
         .env("SALAD_URL", "http://127.0.0.1:1")
         .env("GITLAB_CONF_FILE", dir.path().join("gitlab-runner.toml"))
         .env("RUST_LOG", &log)
+        // Allocator experiments: `GLIBC_TUNABLES=glibc.malloc.... cargo bench`
+        // (the executor then leaves malloc to these settings).
+        .env(
+            "GLIBC_TUNABLES",
+            std::env::var("GLIBC_TUNABLES").unwrap_or_default(),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -291,10 +311,7 @@ fn main() {
             r.body
         );
     }
-    println!(
-        "RSS after the load: {:.1} MiB",
-        rss_kib(pid) as f64 / 1024.0
-    );
+    println!("RSS after the load: {}", rss(pid));
 
     // Idle CPU over 5 s.
     let tick = 100.0; // USER_HZ on Linux
@@ -305,7 +322,7 @@ fn main() {
         "idle CPU: {:.2} % of a core",
         (t1 - t0) as f64 / tick / 5.0 * 100.0
     );
-    println!("RSS idle: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+    println!("RSS idle: {}", rss(pid));
 
     // Edit visibility: a comment changed in the file (saved by rename).
     let mut times = Vec::new();

@@ -7,6 +7,7 @@ pub mod client;
 pub mod demo;
 pub mod engine;
 pub mod job_bucket;
+pub mod memory;
 pub mod qemu;
 pub mod serve;
 pub mod simdut;

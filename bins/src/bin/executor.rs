@@ -119,6 +119,8 @@ fn demo(args: vivian::demo::DemoArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Before any other thread exists (see the module's docs).
+    let malloc_tuned = vivian::memory::tune_allocator();
     let cli = Cli::parse();
     if cli.check_config {
         return check_config();
@@ -135,6 +137,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if malloc_tuned {
+        tracing::debug!(
+            arena_max = vivian::memory::ARENA_MAX,
+            mmap_threshold = vivian::memory::MMAP_THRESHOLD,
+            trim_threshold = vivian::memory::TRIM_THRESHOLD,
+            "malloc tuned"
+        );
+    } else {
+        tracing::debug!("malloc settings left to the environment");
+    }
     if let Some(Command::Demo(args)) = cli.command {
         return demo(args);
     }
