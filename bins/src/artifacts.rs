@@ -55,27 +55,9 @@ impl std::fmt::Debug for Artifacts {
     }
 }
 
-/// Parses a size such as `500M`, `20G`, `1.5T` or a plain byte count.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let unit = t[i..].trim().to_ascii_uppercase();
-            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return None,
-            };
-            (&t[..i], m)
-        }
-        None => (t, 1),
-    };
-    let n: f64 = num.trim().parse().ok()?;
-    (n.is_finite() && n >= 0.0).then_some((n * mult as f64) as u64)
-}
+/// Parses a size such as `500M`, `20G`, `1.5T` or a plain byte count (the
+/// parser of `EXECUTOR_ARTIFACT_CACHE_MAX_SIZE`).
+pub use vivian_core::config::parse_size;
 
 impl Artifacts {
     /// A cache with `config`, giving DUTs URLs under `executor_url`.
@@ -96,42 +78,21 @@ impl Artifacts {
     }
 
     /// The cache of the executor's configuration: `None` when
-    /// `EXECUTOR_ARTIFACT_CACHE_ROOT` is not set. `vars` are the process
-    /// environment, for `EXECUTOR_ARTIFACT_CACHE_MAX_SIZE` and
-    /// `EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS`.
+    /// `EXECUTOR_ARTIFACT_CACHE_ROOT` is not set; bounded by
+    /// `EXECUTOR_ARTIFACT_CACHE_MAX_SIZE` and
+    /// `EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS` (validated with the rest of
+    /// the configuration).
     pub fn from_config(
         config: &vivian_core::config::Config,
-        vars: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<Option<Arc<Artifacts>>> {
         let Some(root) = &config.executor_artifact_cache_root else {
             return Ok(None);
         };
         let mut cc = CacheConfig::new(root);
-        for (k, v) in vars {
-            match k.as_str() {
-                "EXECUTOR_ARTIFACT_CACHE_MAX_SIZE" if !v.trim().is_empty() => {
-                    cc.max_bytes = Some(parse_size(&v).with_context(|| {
-                        format!(
-                            "EXECUTOR_ARTIFACT_CACHE_MAX_SIZE={v:?}: expected a size such as 20G"
-                        )
-                    })?);
-                }
-                "EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS" if !v.trim().is_empty() => {
-                    let days: f64 = v
-                        .trim()
-                        .parse()
-                        .ok()
-                        .filter(|d: &f64| d.is_finite() && *d > 0.0)
-                        .with_context(|| {
-                            format!(
-                                "EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS={v:?}: expected a positive number of days"
-                            )
-                        })?;
-                    cc.max_unused = Some(std::time::Duration::from_secs_f64(days * 86400.0));
-                }
-                _ => {}
-            }
-        }
+        cc.max_bytes = config.executor_artifact_cache_max_size;
+        cc.max_unused = Some(std::time::Duration::from_secs_f64(
+            config.executor_artifact_cache_max_unused_days * 86400.0,
+        ));
         let a = Artifacts::new(cc, config.executor_url.as_str())?;
         tracing::info!(
             root = %root.display(),
@@ -446,13 +407,8 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("1024"), Some(1024));
-        assert_eq!(parse_size("500M"), Some(500 << 20));
-        assert_eq!(parse_size("20G"), Some(20 << 30));
         assert_eq!(parse_size("20 GiB"), Some(20 << 30));
         assert_eq!(parse_size("1.5k"), Some(1536));
-        assert_eq!(parse_size("2X"), None);
-        assert_eq!(parse_size("-1"), None);
         assert_eq!(parse_size("lots"), None);
     }
 

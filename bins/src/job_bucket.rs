@@ -176,7 +176,6 @@ pub enum AdminApi {
 pub async fn from_env(
     config: &vivian_core::config::Config,
     minio_url_set: bool,
-    admin_api: Option<&str>,
     journal: PathBuf,
 ) -> anyhow::Result<Option<Arc<JobBuckets>>> {
     if !minio_url_set {
@@ -186,7 +185,7 @@ pub async fn from_env(
         );
         return Ok(None);
     }
-    let api = match admin_api.unwrap_or("minio") {
+    let api = match config.vivian_storage_admin_api.as_str() {
         "minio" => AdminApi::Minio,
         "iam" => AdminApi::Iam(IpPolicyStyle::DenyOutsideIp),
         "iam-allow-only" => AdminApi::Iam(IpPolicyStyle::AllowOnlyIp),

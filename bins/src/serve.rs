@@ -213,7 +213,7 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     }
     let db: Arc<dyn MarsDb> = Arc::new(db);
     // The artifact cache (EXECUTOR_ARTIFACT_CACHE_ROOT): DUTs boot from it.
-    let artifacts = crate::artifacts::Artifacts::from_config(&config, std::env::vars())?;
+    let artifacts = crate::artifacts::Artifacts::from_config(&config)?;
     // DHCP and TFTP on PRIVATE_INTERFACE (or socket-activated), unless
     // BOOTS_DISABLE_SERVERS is set. Boot events go to the log and, once
     // the farm runs, to discovery (an unknown machine netbooting during a
@@ -268,7 +268,6 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     let job_buckets = crate::job_bucket::from_env(
         &config,
         std::env::var_os("MINIO_URL").is_some(),
-        std::env::var("VIVIAN_STORAGE_ADMIN_API").ok().as_deref(),
         config
             .mars_db_file
             .parent()

@@ -35,10 +35,16 @@ fn check_config_prints_the_effective_configuration_with_secrets_masked() {
             ("BOOTS_DEFAULT_X86_64_KERNEL", "http://gw/k64"),
             ("SERGENT_HARTMAN_QUICK_CHECK", "disabled"),
             ("BOOTS_DISABLE_SERVERS", "1"),
+            ("EXECUTOR_ARTIFACT_CACHE_MAX_SIZE", "20G"),
+            ("VIVIAN_STORAGE_ADMIN_API", "iam"),
         ],
     );
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
+    assert!(
+        !stderr.contains("warning"),
+        "every variable given is one the executor reads: {stderr}"
+    );
     assert!(
         out.status.success(),
         "status {:?}\n{stdout}\n{stderr}",
@@ -60,6 +66,9 @@ fn check_config_prints_the_effective_configuration_with_secrets_masked() {
         "SERGENT_HARTMAN_BOOT_COUNT=100  # default",
         "MINIO_ROOT_USER=minioadmin  # default",
         "PRIVATE_INTERFACE=private  # default",
+        "EXECUTOR_ARTIFACT_CACHE_MAX_SIZE=21474836480",
+        "EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS=60  # default",
+        "VIVIAN_STORAGE_ADMIN_API=iam",
         "# configuration OK",
     ] {
         assert!(
@@ -83,6 +92,8 @@ fn check_config_fails_with_every_error_named() {
             ("SERGENT_HARTMAN_BOOT_COUNT", "abc"),
             ("EXECUTOR_VPDU_ENDPOINT", "localhost"),
             ("MINIO_ROOT_PASSWORD", "very-secret-pw"),
+            ("EXECUTOR_ARTIFACT_CACHE_MAX_SIZE", "lots"),
+            ("VIVIAN_STORAGE_ADMIN_API", "s3"),
         ],
     );
     let stderr = text(&out.stderr);
@@ -95,6 +106,8 @@ fn check_config_fails_with_every_error_named() {
         "SERGENT_HARTMAN_BOOT_COUNT=\"abc\": expected an integer",
         "EXECUTOR_VPDU_ENDPOINT=\"localhost\": expected host:port (e.g. localhost:9191)",
         "FARM_NAME is not set",
+        "EXECUTOR_ARTIFACT_CACHE_MAX_SIZE=\"lots\": expected a size such as 20G",
+        "VIVIAN_STORAGE_ADMIN_API=\"s3\": expected one of minio, iam, iam-allow-only",
     ] {
         assert!(
             stderr.contains(expected),

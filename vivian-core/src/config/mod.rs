@@ -313,6 +313,17 @@ pub struct Config {
     /// `EXECUTOR_ARTIFACT_CACHE_ROOT`: cache folder for job artifacts
     /// (default: none, no cache).
     pub executor_artifact_cache_root: Option<PathBuf>,
+    /// `EXECUTOR_ARTIFACT_CACHE_MAX_SIZE`: bound of the artifact cache in
+    /// bytes, written like `20G`, `500M` or a byte count (default: none,
+    /// unbounded). See [`parse_size`].
+    pub executor_artifact_cache_max_size: Option<u64>,
+    /// `EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS`: cache entries unused for
+    /// that long are dropped (a positive number of days; default
+    /// [`DEFAULT_ARTIFACT_CACHE_MAX_UNUSED_DAYS`]).
+    pub executor_artifact_cache_max_unused_days: f64,
+    /// `VIVIAN_STORAGE_ADMIN_API`: the identity API of the job buckets'
+    /// object storage, one of [`STORAGE_ADMIN_APIS`] (default `minio`).
+    pub vivian_storage_admin_api: String,
     /// `EXECUTOR_REGISTRATION_JOB`: registration job template (default:
     /// none = the built-in template).
     pub executor_registration_job: Option<PathBuf>,
@@ -544,6 +555,38 @@ fn parse_seconds(v: &str) -> Result<Duration, String> {
         .ok_or_else(|| "expected a number of seconds (0 or more)".into())
 }
 
+/// Parses a size such as `500M`, `20G`, `1.5T`, `64KiB` or a plain byte
+/// count (units are powers of 1024).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].trim().to_ascii_uppercase();
+            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return None,
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let n: f64 = num.trim().parse().ok()?;
+    (n.is_finite() && n >= 0.0 && n * (mult as f64) < u64::MAX as f64)
+        .then_some((n * mult as f64) as u64)
+}
+
+/// Default of `EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS`.
+pub const DEFAULT_ARTIFACT_CACHE_MAX_UNUSED_DAYS: f64 = 60.0;
+
+/// The values `VIVIAN_STORAGE_ADMIN_API` accepts: `minio` (MinIO's admin
+/// API), `iam` (AWS IAM with Allow + Deny policies), `iam-allow-only`
+/// (IAM without Deny support, e.g. SeaweedFS).
+pub const STORAGE_ADMIN_APIS: &[&str] = &["minio", "iam", "iam-allow-only"];
+
 /// Variables the executor reads, for [`Config::entries`] and for
 /// `--check-config`'s listing.
 pub const KNOWN_VARIABLES: &[&str] = &[
@@ -553,6 +596,8 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "EXECUTOR_PORT",
     "EXECUTOR_HTTP_IPv4_SOCKET_NAME",
     "EXECUTOR_ARTIFACT_CACHE_ROOT",
+    "EXECUTOR_ARTIFACT_CACHE_MAX_SIZE",
+    "EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS",
     "EXECUTOR_REGISTRATION_JOB",
     "EXECUTOR_BOOTLOOP_JOB",
     "EXECUTOR_VPDU_ENDPOINT",
@@ -567,6 +612,7 @@ pub const KNOWN_VARIABLES: &[&str] = &[
     "MINIO_ROOT_USER",
     "MINIO_ROOT_PASSWORD",
     "MINIO_ADMIN_ALIAS",
+    "VIVIAN_STORAGE_ADMIN_API",
     "GITLAB_CONF_FILE",
     "GITLAB_CONF_TEMPLATE_FILE",
     "GITLAB_ALLOW_INSECURE",
@@ -616,6 +662,31 @@ impl Config {
         let executor_http_ipv4_socket_name =
             r.socket_name("EXECUTOR_HTTP_IPv4_SOCKET_NAME", "http_ipv4");
         let executor_artifact_cache_root = r.raw("EXECUTOR_ARTIFACT_CACHE_ROOT").map(PathBuf::from);
+        let executor_artifact_cache_max_size =
+            r.optional("EXECUTOR_ARTIFACT_CACHE_MAX_SIZE", |v| {
+                parse_size(v).ok_or_else(|| {
+                    "expected a size such as 20G, 500M or a number of bytes".to_string()
+                })
+            });
+        let executor_artifact_cache_max_unused_days = r.parsed(
+            "EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS",
+            DEFAULT_ARTIFACT_CACHE_MAX_UNUSED_DAYS,
+            |v| {
+                v.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|d| d.is_finite() && *d > 0.0 && *d < 1e6)
+                    .ok_or_else(|| "expected a positive number of days".to_string())
+            },
+        );
+        let vivian_storage_admin_api =
+            r.parsed("VIVIAN_STORAGE_ADMIN_API", "minio".to_string(), |v| {
+                let v = v.trim();
+                STORAGE_ADMIN_APIS
+                    .contains(&v)
+                    .then(|| v.to_string())
+                    .ok_or_else(|| format!("expected one of {}", STORAGE_ADMIN_APIS.join(", ")))
+            });
         let executor_registration_job = r.raw("EXECUTOR_REGISTRATION_JOB").map(PathBuf::from);
         let executor_bootloop_job = r.raw("EXECUTOR_BOOTLOOP_JOB").map(PathBuf::from);
         let executor_vpdu_endpoint = r.optional("EXECUTOR_VPDU_ENDPOINT", HostPort::from_str);
@@ -721,6 +792,9 @@ impl Config {
             executor_port,
             executor_http_ipv4_socket_name,
             executor_artifact_cache_root,
+            executor_artifact_cache_max_size,
+            executor_artifact_cache_max_unused_days,
+            vivian_storage_admin_api,
             executor_registration_job,
             executor_bootloop_job,
             executor_vpdu_endpoint,
@@ -895,6 +969,15 @@ impl Config {
                 opt_path(&self.executor_artifact_cache_root, "(none)"),
             ),
             (
+                "EXECUTOR_ARTIFACT_CACHE_MAX_SIZE",
+                self.executor_artifact_cache_max_size
+                    .map_or_else(|| "(unbounded)".to_string(), |b| b.to_string()),
+            ),
+            (
+                "EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS",
+                self.executor_artifact_cache_max_unused_days.to_string(),
+            ),
+            (
                 "EXECUTOR_REGISTRATION_JOB",
                 opt_path(&self.executor_registration_job, "(built-in)"),
             ),
@@ -931,6 +1014,10 @@ impl Config {
             ("MINIO_ROOT_USER", self.minio_root_user.clone()),
             ("MINIO_ROOT_PASSWORD", self.minio_root_password.to_string()),
             ("MINIO_ADMIN_ALIAS", self.minio_admin_alias.clone()),
+            (
+                "VIVIAN_STORAGE_ADMIN_API",
+                self.vivian_storage_admin_api.clone(),
+            ),
             (
                 "GITLAB_CONF_FILE",
                 self.gitlab_conf_file.display().to_string(),

@@ -573,3 +573,81 @@ fn job_variables_differing_only_in_case_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn artifact_cache_bounds_and_storage_api_are_parsed_and_listed() {
+    let m = with_farm(&[
+        ("EXECUTOR_ARTIFACT_CACHE_MAX_SIZE", "1.5G"),
+        ("EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS", "7"),
+        ("VIVIAN_STORAGE_ADMIN_API", "iam-allow-only"),
+    ]);
+    let c = Config::from_env_map(&m).unwrap();
+    assert_eq!(c.executor_artifact_cache_max_size, Some(1_610_612_736));
+    assert_eq!(c.executor_artifact_cache_max_unused_days, 7.0);
+    assert_eq!(c.vivian_storage_admin_api, "iam-allow-only");
+    let entries = c.entries(&m);
+    let get = |n: &str| entries.iter().find(|e| e.name == n).unwrap().clone();
+    assert_eq!(get("EXECUTOR_ARTIFACT_CACHE_MAX_SIZE").value, "1610612736");
+    assert_eq!(
+        get("EXECUTOR_ARTIFACT_CACHE_MAX_SIZE").source,
+        ValueSource::Environment
+    );
+    assert_eq!(get("VIVIAN_STORAGE_ADMIN_API").value, "iam-allow-only");
+    // They are read: no "not a variable the executor reads" warning.
+    assert!(c.warnings(&m).is_empty(), "{:?}", c.warnings(&m));
+
+    let d = Config::from_env_map(&with_farm(&[])).unwrap();
+    assert_eq!(d.executor_artifact_cache_max_size, None);
+    assert_eq!(d.executor_artifact_cache_max_unused_days, 60.0);
+    assert_eq!(d.vivian_storage_admin_api, "minio");
+}
+
+#[test]
+fn bad_artifact_cache_bounds_and_storage_api_are_named() {
+    for (var, value, expected) in [
+        (
+            "EXECUTOR_ARTIFACT_CACHE_MAX_SIZE",
+            "20 parsecs",
+            "a size such as 20G",
+        ),
+        (
+            "EXECUTOR_ARTIFACT_CACHE_MAX_SIZE",
+            "-1G",
+            "a size such as 20G",
+        ),
+        (
+            "EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS",
+            "0",
+            "positive number of days",
+        ),
+        (
+            "EXECUTOR_ARTIFACT_CACHE_MAX_UNUSED_DAYS",
+            "soon",
+            "positive number of days",
+        ),
+        (
+            "VIVIAN_STORAGE_ADMIN_API",
+            "s3",
+            "minio, iam, iam-allow-only",
+        ),
+    ] {
+        let e = Config::from_env_map(&with_farm(&[(var, value)])).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains(var) && text.contains(expected),
+            "{var}={value}: {text}"
+        );
+    }
+}
+
+#[test]
+fn sizes_take_binary_units() {
+    assert_eq!(parse_size("500"), Some(500));
+    assert_eq!(parse_size("64KiB"), Some(65_536));
+    assert_eq!(parse_size("20G"), Some(20 << 30));
+    assert_eq!(parse_size(" 2 m "), Some(2 << 20));
+    assert_eq!(parse_size("1.5T"), Some(3 << 39));
+    for bad in ["", "G", "12X", "-5", "nan", "1e30T"] {
+        assert_eq!(parse_size(bad), None, "{bad:?}");
+    }
+}
