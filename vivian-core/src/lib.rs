@@ -13,6 +13,8 @@
 pub mod config;
 pub mod console;
 pub mod farm;
+#[cfg(feature = "http-client")]
+pub mod http_client;
 pub mod job;
 pub mod marsdb;
 pub mod netboot;
