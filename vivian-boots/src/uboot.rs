@@ -15,8 +15,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
@@ -132,35 +131,39 @@ impl DynamicFiles for UbootFiles {
 
 /// Downloads artifacts over HTTP into an unnamed temporary file (nothing is
 /// left on disk when the transfer ends).
-#[derive(Debug, Clone)]
+///
+/// [`HttpFetcher::default`] builds its HTTP client on the first download
+/// ([`vivian_core::http_client::build`]: 10 s to connect, 60 s per read,
+/// redirects followed), so a fetcher that is replaced before any download
+/// (by an artifact cache, or by one sharing the process' client) costs no
+/// trust-store parsing. Clones share the client.
+#[derive(Debug, Clone, Default)]
 pub struct HttpFetcher {
-    client: reqwest::Client,
+    client: Arc<OnceLock<Result<reqwest::Client, String>>>,
 }
 
-impl Default for HttpFetcher {
-    fn default() -> Self {
-        let builder = || {
-            reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .read_timeout(Duration::from_secs(60))
-        };
-        let client = builder().build().or_else(|e| {
-            // No system CA certificates (no ca-certificates package):
-            // http:// downloads still work, https:// ones fail with a
-            // certificate error naming the URL.
-            tracing::warn!(error = %e, "no TLS root certificates: U-Boot artifact downloads over https will fail");
-            builder().tls_certs_only([]).build()
-        });
+impl HttpFetcher {
+    /// A fetcher downloading with `client` (a clone of a client shared with
+    /// the rest of the process, say). Its timeouts apply as they are: give
+    /// it a connect and a per-read timeout rather than a total one, which
+    /// would cut large downloads (the clients of
+    /// [`vivian_core::http_client::builder`] have those), and let it follow
+    /// redirects (artifact URLs often redirect to a storage service).
+    pub fn with_client(client: reqwest::Client) -> Self {
         HttpFetcher {
-            // A builder without TLS roots cannot fail; a client without
-            // timeouts is the last resort rather than a panic.
-            client: client.unwrap_or_else(|_| {
-                reqwest::Client::builder()
-                    .tls_certs_only([])
-                    .build()
-                    .unwrap_or_default()
-            }),
+            client: Arc::new(OnceLock::from(Ok(client))),
         }
+    }
+
+    fn client(&self) -> Result<&reqwest::Client, String> {
+        self.client
+            .get_or_init(|| {
+                vivian_core::http_client::build("U-Boot artifact download")
+                    .map(|(client, _roots)| client)
+                    .map_err(|e| format!("cannot set up an HTTP client: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }
 
@@ -172,7 +175,8 @@ impl ArtifactFetcher for HttpFetcher {
             reason,
         };
         let mut resp = self
-            .client
+            .client()
+            .map_err(err)?
             .get(url)
             .send()
             .await
@@ -194,5 +198,76 @@ impl ArtifactFetcher for HttpFetcher {
             .map_err(|e| err(format!("temporary file: {e}")))?;
         debug!(url, bytes = total, "artifact downloaded");
         Ok(out.into_std().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Seek, Write};
+    use std::net::TcpListener;
+
+    /// A one-thread HTTP server answering `connections` requests, one per
+    /// connection: `/a` redirects to `/b`, `/b` is `body`, anything else
+    /// is a 404.
+    fn serve(body: &'static [u8], connections: usize) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for _ in 0..connections {
+                let Ok((stream, _)) = listener.accept() else {
+                    return;
+                };
+                let mut reader = BufReader::new(stream);
+                let mut request = String::new();
+                let _ = reader.read_line(&mut request);
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                    line.clear();
+                }
+                let mut stream = reader.into_inner();
+                let head = match request.split(' ').nth(1) {
+                    Some("/a") => "302 Found\r\nLocation: /b\r\nContent-Length: 0".to_string(),
+                    Some("/b") => format!("200 OK\r\nContent-Length: {}", body.len()),
+                    _ => "404 Not Found\r\nContent-Length: 0".to_string(),
+                };
+                let _ = write!(stream, "HTTP/1.1 {head}\r\nConnection: close\r\n\r\n");
+                if request.contains(" /b ") {
+                    let _ = stream.write_all(body);
+                }
+            }
+        });
+        url
+    }
+
+    fn read_all(mut file: std::fs::File) -> Vec<u8> {
+        file.rewind().unwrap();
+        let mut data = Vec::new();
+        file.read_to_end(&mut data).unwrap();
+        data
+    }
+
+    #[tokio::test]
+    async fn the_default_fetcher_builds_its_client_on_first_use_and_follows_redirects() {
+        let url = serve(b"kernel bytes", 3);
+        let fetcher = HttpFetcher::default();
+        assert!(fetcher.client.get().is_none(), "built before any download");
+        let file = fetcher.fetch(&format!("{url}/a")).await.unwrap();
+        assert_eq!(read_all(file), b"kernel bytes");
+        let err = fetcher.fetch(&format!("{url}/missing")).await.unwrap_err();
+        assert!(err.reason.contains("404"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_fetcher_downloads_with_the_client_it_is_given() {
+        let url = serve(b"initrd bytes", 1);
+        // A client that follows no redirect: the fetcher uses it as is.
+        let (client, _) = vivian_core::http_client::build_with("test", || {
+            vivian_core::http_client::builder().redirect(reqwest::redirect::Policy::none())
+        })
+        .unwrap();
+        let fetcher = HttpFetcher::with_client(client);
+        let err = fetcher.fetch(&format!("{url}/a")).await.unwrap_err();
+        assert!(err.reason.contains("302"), "{err:?}");
     }
 }

@@ -75,22 +75,22 @@ impl GitlabClient {
     /// client is still built, without TLS roots, and a warning logged: a
     /// farm with no GitLab runners works, and requests to an https GitLab
     /// fail with a certificate error naming the instance.
+    ///
+    /// The client is its own, not shared: it follows no redirect (a
+    /// redirect would carry the `PRIVATE-TOKEN` header to wherever it
+    /// points), sends a `vivian-gitlab` user agent and may accept invalid
+    /// certificates, all settings of a whole reqwest client.
     pub fn new(options: GitlabClientOptions) -> Result<Self, reqwest::Error> {
-        let builder = || {
-            reqwest::Client::builder()
+        let (http, _roots) = vivian_core::http_client::build_with("GitLab API", || {
+            vivian_core::http_client::builder()
                 .timeout(options.request_timeout)
+                // The whole request has a limit; no shorter one per read.
+                .read_timeout(options.request_timeout)
                 .connect_timeout(options.connect_timeout)
                 .user_agent(concat!("vivian-gitlab/", env!("CARGO_PKG_VERSION")))
                 .danger_accept_invalid_certs(options.danger_accept_invalid_certs)
                 .redirect(reqwest::redirect::Policy::none())
-        };
-        let http = match builder().build() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "no TLS root certificates: GitLab over https will fail until ca-certificates is installed");
-                builder().tls_certs_only([]).build()?
-            }
-        };
+        })?;
         Ok(GitlabClient { http, options })
     }
 

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use vivian_core::console::{
     ConsoleAttachment, ConsoleError, ConsoleMachine, ConsoleSource, LogChunk, ResetOutcome,
 };
+use vivian_core::http_client::TlsRoots;
 
 use crate::machine::ClientInfo;
 use crate::{Salad, SaladError};
@@ -53,49 +54,70 @@ struct ClientList {
     clients: Vec<ClientInfo>,
 }
 
+/// `url` checked (http or https, with a host): the base URL without a
+/// trailing `/`, the host (without IPv6 brackets) and whether it is https.
+fn parse_salad_url(url: &str) -> Result<(String, String, bool), ConsoleError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| salad_url_error(url, format!("invalid SALAD_URL: {e}")))?;
+    if parsed.scheme() != "http" && parsed.scheme() != "https" {
+        return Err(salad_url_error(
+            url,
+            "invalid SALAD_URL: the scheme must be http or https".into(),
+        ));
+    }
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| salad_url_error(url, "invalid SALAD_URL: it has no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let base = url.trim_end_matches('/').to_string();
+    Ok((base, host, parsed.scheme() == "https"))
+}
+
+fn salad_url_error(url: &str, reason: String) -> ConsoleError {
+    ConsoleError::Unavailable {
+        source_name: url.to_string(),
+        reason,
+    }
+}
+
+/// Time limit of one request to the SALAD API (connecting, sending, and
+/// reading the whole answer).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time limit to connect to the SALAD API, in clients built by
+/// [`SaladClient::new`].
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl SaladClient {
-    /// A client of the SALAD at `url` (e.g. `http://ci-gateway:8005`).
+    /// A client of the SALAD at `url` (e.g. `http://ci-gateway:8005`), with
+    /// an HTTP client of its own (see [`SaladClient::with_http_client`] to
+    /// share one). Without system CA certificates an `http://` SALAD still
+    /// works (a warning is logged); an `https://` one is refused.
     pub fn new(url: &str) -> Result<Self, ConsoleError> {
-        let bad = |reason: String| ConsoleError::Unavailable {
-            source_name: url.to_string(),
-            reason,
-        };
-        let parsed =
-            reqwest::Url::parse(url).map_err(|e| bad(format!("invalid SALAD_URL: {e}")))?;
-        if parsed.scheme() != "http" && parsed.scheme() != "https" {
-            return Err(bad(
-                "invalid SALAD_URL: the scheme must be http or https".into()
+        let (base, host, https) = parse_salad_url(url)?;
+        let (http, roots) = vivian_core::http_client::build_with("SALAD", || {
+            vivian_core::http_client::builder().connect_timeout(CONNECT_TIMEOUT)
+        })
+        .map_err(|e| salad_url_error(url, e.to_string()))?;
+        if https && roots == TlsRoots::Missing {
+            return Err(salad_url_error(
+                url,
+                "cannot set up TLS for SALAD_URL: the system has no CA certificate".into(),
             ));
         }
-        let host = parsed
-            .host_str()
-            .ok_or_else(|| bad("invalid SALAD_URL: it has no host".into()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let builder = || {
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .connect_timeout(Duration::from_secs(5))
-        };
-        let http = match builder().build() {
-            Ok(c) => c,
-            // No system CA certificates (no ca-certificates package): an
-            // http:// SALAD needs none, so go on without TLS roots.
-            Err(e) if parsed.scheme() == "http" => {
-                tracing::debug!(error = %e, "no TLS roots for the SALAD client; not needed for http");
-                builder()
-                    .tls_certs_only([])
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?
-            }
-            Err(e) => return Err(bad(format!("cannot set up TLS for SALAD_URL: {e}"))),
-        };
-        Ok(Self {
-            base: url.trim_end_matches('/').to_string(),
-            host,
-            http,
-        })
+        Ok(Self { base, host, http })
+    }
+
+    /// A client of the SALAD at `url` that sends its requests with `http`
+    /// (a clone of a client shared with the rest of the process, from
+    /// [`vivian_core::http_client`] say). Each request is limited to 30 s
+    /// whatever the client's own timeouts; connecting is limited by the
+    /// client's connect timeout.
+    pub fn with_http_client(url: &str, http: reqwest::Client) -> Result<Self, ConsoleError> {
+        let (base, host, _) = parse_salad_url(url)?;
+        Ok(Self { base, host, http })
     }
 
     /// A client of `SALAD_URL` (default `http://ci-gateway:8005`).
@@ -122,6 +144,7 @@ impl SaladClient {
     async fn get(&self, url: &str) -> Result<reqwest::Response, ConsoleError> {
         self.http
             .get(url)
+            .timeout(REQUEST_TIMEOUT)
             .send()
             .await
             .map_err(|e| self.unavailable(format!("GET {url}: {e}")))
@@ -254,6 +277,7 @@ impl ConsoleSource for SaladClient {
         let resp = self
             .http
             .post(&url)
+            .timeout(REQUEST_TIMEOUT)
             .send()
             .await
             .map_err(|e| self.unavailable(format!("POST {url}: {e}")))?;
@@ -393,5 +417,50 @@ impl ConsoleSource for InProcessConsoles {
             .read_log(machine_id, offset, max_len)
             .await
             .map_err(local_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_client_is_refused_a_bad_url() {
+        let http = reqwest::Client::builder()
+            .tls_certs_only([])
+            .build()
+            .unwrap();
+        assert!(SaladClient::with_http_client("ftp://x", http.clone()).is_err());
+        assert!(SaladClient::with_http_client("not a url", http.clone()).is_err());
+        let c = SaladClient::with_http_client("http://[::1]:8005/", http).unwrap();
+        assert_eq!(c.name(), "http://[::1]:8005");
+        assert_eq!(c.host, "::1");
+    }
+
+    /// The 30 s limit holds whatever client is given: a SALAD that accepts
+    /// the connection and never answers. (Paused clock: no real wait.)
+    #[tokio::test(start_paused = true)]
+    async fn a_request_through_a_client_without_timeouts_gives_up_after_30_s() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let http = reqwest::Client::builder()
+            .tls_certs_only([])
+            .build()
+            .unwrap();
+        let salad = SaladClient::with_http_client(&url, http).unwrap();
+        let start = tokio::time::Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(3600), salad.machines())
+            .await
+            .expect("the request was not limited");
+        assert!(
+            matches!(result, Err(ConsoleError::Unavailable { .. })),
+            "{result:?}"
+        );
+        let waited = start.elapsed();
+        assert!(
+            waited >= REQUEST_TIMEOUT && waited < REQUEST_TIMEOUT + Duration::from_secs(1),
+            "gave up after {waited:?}"
+        );
+        drop(silent);
     }
 }
