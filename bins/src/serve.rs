@@ -241,9 +241,17 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
         )
     })?;
 
+    // One HTTP client (one parse of the trust store) for SALAD and the
+    // U-Boot downloads; GitLab's has settings of its own (no redirects).
+    let (http, roots) = vivian_core::http_client::build("executor")
+        .context("cannot create the executor's HTTP client")?;
     if let Some(a) = &artifacts {
         // U-Boot's kernels and initrds over TFTP come from the cache too.
         boots.set_artifact_fetcher(a.clone());
+    } else {
+        boots.set_artifact_fetcher(Arc::new(vivian_boots::HttpFetcher::with_client(
+            http.clone(),
+        )));
     }
     let pdus = Arc::new(PduManager::new(registry, PduOptions::default()));
     let mut farm_opts = FarmOptions::new(config.farm_name.clone());
@@ -280,8 +288,16 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     let _ = farm_sink.set(vivian_core::netboot::discovery_sink(farm.clone(), log_sink));
 
     // The job engine: consoles from SALAD_URL, job logs next to MarsDB.
+    if roots == vivian_core::http_client::TlsRoots::Missing
+        && config.salad_url.url().scheme() == "https"
+    {
+        anyhow::bail!(
+            "SALAD_URL={}: cannot set up TLS: the system has no CA certificate",
+            config.salad_url.as_str()
+        );
+    }
     let console: Arc<dyn vivian_core::console::ConsoleSource> = Arc::new(
-        vivian_salad::SaladClient::new(config.salad_url.as_str())
+        vivian_salad::SaladClient::with_http_client(config.salad_url.as_str(), http.clone())
             .map_err(|e| anyhow::anyhow!("SALAD_URL={}: {e}", config.salad_url.as_str()))?,
     );
     let log_dir = config
