@@ -49,27 +49,35 @@ fn lock_file(path: &str) -> Result<File, String> {
 /// The venv with [`VENV_PACKAGES`], created (with `python3 -m venv` and
 /// pip from PyPI) on first use. Returns its `bin` folder.
 pub fn venv() -> Result<PathBuf, String> {
-    let dir = Path::new(VENV_DIR);
-    let _lock = lock_file(&format!("{VENV_DIR}.lock"))?;
-    let marker = dir.join(".ready");
-    let want = VENV_PACKAGES.join(" ");
+    cached_venv(VENV_DIR, VENV_PACKAGES)
+}
+
+/// The venv `dir` with `packages`, created (with `python3 -m venv` and
+/// pip from PyPI) unless its marker names the same packages. Locked
+/// while in use, so concurrent tests make it once. Returns its `bin`
+/// folder.
+fn cached_venv(dir: &str, packages: &[&str]) -> Result<PathBuf, String> {
+    let _lock = lock_file(&format!("{dir}.lock"))?;
+    let venv = Path::new(dir);
+    let marker = venv.join(".ready");
+    let want = packages.join(" ");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
-        return Ok(dir.join("bin"));
+        return Ok(venv.join("bin"));
     }
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(venv);
     let st = Command::new("python3")
         .args(["-m", "venv"])
-        .arg(dir)
+        .arg(venv)
         .status()
         .map_err(|e| format!("cannot run python3 (install python3 and python3-venv): {e}"))?;
     if !st.success() {
         return Err(format!(
-            "python3 -m venv {VENV_DIR} failed ({st}): install python3-venv"
+            "python3 -m venv {dir} failed ({st}): install python3-venv"
         ));
     }
-    let out = Command::new(dir.join("bin/pip"))
+    let out = Command::new(venv.join("bin/pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(VENV_PACKAGES)
+        .args(packages)
         .output()
         .map_err(|e| format!("cannot run pip: {e}"))?;
     if !out.status.success() {
@@ -80,7 +88,7 @@ pub fn venv() -> Result<PathBuf, String> {
     }
     std::fs::write(&marker, &want)
         .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
-    Ok(dir.join("bin"))
+    Ok(venv.join("bin"))
 }
 
 /// A free TCP port on 127.0.0.1 whose `+10000` (SeaweedFS's gRPC port) is
@@ -94,6 +102,35 @@ pub fn free_port_pair() -> u16 {
         }
     }
     panic!("no free pair of TCP ports on 127.0.0.1");
+}
+
+/// Waits (at most 60 s) until `port` on 127.0.0.1 accepts connections.
+/// An error, naming `what` (the server) and `port_name` and quoting its
+/// log file `log`, when `child` exits first or the time runs out.
+fn wait_for_port(
+    child: &mut Child,
+    port: u16,
+    what: &str,
+    port_name: &str,
+    log: &Path,
+) -> Result<(), String> {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("{what} exited at start-up ({st}): {}", log()));
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{what} did not open {port_name} in 60 s: {}",
+                log()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A running SeaweedFS (`weed mini`): S3 and IAM on [`Seaweed::url`],
@@ -204,22 +241,8 @@ impl Seaweed {
             _dir: dir,
             _lock: lock,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(st)) = me.child.try_wait() {
-                return Err(format!("weed mini exited at start-up ({st}): {}", me.log()));
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", s3)).is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "weed mini did not open its S3 port in 60 s: {}",
-                    me.log()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let log = me._dir.path().join("weed.log");
+        wait_for_port(&mut me.child, s3, "weed mini", "its S3 port", &log)?;
         Ok(me)
     }
 
@@ -257,41 +280,7 @@ pub const MOTO_PACKAGE: &str = "moto[server]==5.2.5";
 /// The venv with [`MOTO_PACKAGE`] (`moto_server`), created on first use.
 /// Returns its `bin` folder.
 pub fn moto_venv() -> Result<PathBuf, String> {
-    let dir = Path::new(MOTO_VENV_DIR);
-    let _lock = lock_file(&format!("{MOTO_VENV_DIR}.lock"))?;
-    let marker = dir.join(".ready");
-    if std::fs::read_to_string(&marker).ok().as_deref() == Some(MOTO_PACKAGE) {
-        return Ok(dir.join("bin"));
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    let st = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(dir)
-        .status()
-        .map_err(|e| format!("cannot run python3 (install python3 and python3-venv): {e}"))?;
-    if !st.success() {
-        return Err(format!(
-            "python3 -m venv {MOTO_VENV_DIR} failed ({st}): install python3-venv"
-        ));
-    }
-    let out = Command::new(dir.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            MOTO_PACKAGE,
-        ])
-        .output()
-        .map_err(|e| format!("cannot run pip: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "pip install {MOTO_PACKAGE} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    std::fs::write(&marker, MOTO_PACKAGE)
-        .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
-    Ok(dir.join("bin"))
+    cached_venv(MOTO_VENV_DIR, &[MOTO_PACKAGE])
 }
 
 /// A running `moto_server` (every AWS service on one port, IAM and S3
@@ -335,25 +324,8 @@ impl Moto {
             admin: Credentials::new("AKIAVIVIANMOTO000000", "vivian-moto-secret"),
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(st)) = me.child.try_wait() {
-                return Err(format!(
-                    "moto_server exited at start-up ({st}): {}",
-                    me.log()
-                ));
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "moto_server did not open its port in 60 s: {}",
-                    me.log()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let log = me.log.path().to_path_buf();
+        wait_for_port(&mut me.child, port, "moto_server", "its port", &log)?;
         Ok(me)
     }
 
