@@ -17,14 +17,12 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use process_support::{free_port, wait_for, Proc};
+use process_support::farm::{RealFarm, ONE_DUT};
+use process_support::{wait_for, Proc};
 use vivian_core::storage::{Credentials, IpPolicyStyle};
 use vivian_storage::testing::Seaweed;
 use vivian_storage::{IamAdmin, S3Store};
 use warp::Filter;
-
-// vpdu's simulated DUT on port 1.
-const DUT: &str = "52:54:00:11:22:01";
 
 /// What the DUTs handed to the recorder: (bucket, access key, secret).
 type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
@@ -60,190 +58,45 @@ async fn recorder() -> (SocketAddr, Seen, tokio::sync::oneshot::Sender<()>) {
 }
 
 /// `salad`, `vpdu` (one simulated DUT) and the `executor` binary with job
-/// buckets on SeaweedFS, its stderr appended to `executor.log`.
-struct RealFarm {
-    dir: tempfile::TempDir,
-    api: String,
-    artifacts: String,
-    exec_env: Vec<(String, String)>,
-    executor: Option<Proc>,
-    _procs: Vec<Proc>,
-    _files: tokio::task::JoinHandle<()>,
+/// buckets on SeaweedFS, logging at debug level to `executor.log`.
+async fn bucket_farm(sw: &Seaweed) -> RealFarm {
+    RealFarm::builder("buckets")
+        .env("RUST_LOG", "debug")
+        .env("MINIO_URL", sw.url.as_str().trim_end_matches('/'))
+        .env("MINIO_ROOT_USER", sw.admin.access_key.clone())
+        .env("MINIO_ROOT_PASSWORD", sw.admin.secret_key.expose())
+        .env("VIVIAN_STORAGE_ADMIN_API", "iam-allow-only")
+        .start()
+        .await
 }
 
 impl RealFarm {
-    async fn start(sw: &Seaweed) -> RealFarm {
-        let dir = tempfile::tempdir().unwrap();
-        let files = dir.path().join("files");
-        std::fs::create_dir(&files).unwrap();
-        std::fs::write(
-            files.join("kernel"),
-            "#!vivian-sim\nprint [    1.000000] simulated kernel up\n",
-        )
-        .unwrap();
-        std::fs::write(files.join("initrd"), "initrd").unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let files_addr = listener.local_addr().unwrap();
-        let files_task = tokio::spawn(warp::serve(warp::fs::dir(files)).incoming(listener).run());
-
-        let salad_port = free_port();
-        let netconsole_port = free_port();
-        let exec_port = free_port();
-        let salad = Proc(
-            Command::new(env!("CARGO_BIN_EXE_salad"))
-                .env("SALAD_PORT", salad_port.to_string())
-                .env("SALAD_TCPCONSOLE_PORT", netconsole_port.to_string())
-                .env("SALAD_TCPCONSOLE_HOST", "127.0.0.1")
-                .env("SALAD_MACHINE_HOST", "127.0.0.1")
-                .env("SALAD_LOG_DIR", dir.path().join("consoles"))
-                .env("SALAD_SERIAL_GLOBS", "")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("the salad binary starts"),
-        );
-        wait_for(
-            &format!("http://127.0.0.1:{salad_port}/api/v1/machine"),
-            "salad",
-            |_| true,
-        )
-        .await;
-        let mut vpdu = Proc(
-            Command::new(env!("CARGO_BIN_EXE_vpdu"))
-                .args(["--host", "127.0.0.1", "--port", "0", "--num-ports", "2"])
-                .args(["--salad-console-port", &netconsole_port.to_string()])
-                .args(["--executor-url", &format!("http://127.0.0.1:{exec_port}")])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("the vpdu binary starts"),
-        );
-        let stdout = vpdu.0.stdout.take().unwrap();
-        let banner = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            let mut line = String::new();
-            std::io::BufReader::new(stdout)
-                .read_line(&mut line)
-                .unwrap();
-            line
-        })
-        .await
-        .unwrap();
-        let vpdu_addr = banner
-            .split_whitespace()
-            .nth(3)
-            .unwrap_or_else(|| panic!("unexpected vpdu banner {banner:?}"))
-            .to_string();
-        let db = dir.path().join("mars_db.yaml");
-        std::fs::write(
-            &db,
-            format!(
-                "pdus:\n  VPDU:\n    driver: vpdu\n    config:\n      hostname: {vpdu_addr}\nduts:\n  {DUT}:\n    base_name: sim\n    ip_address: 127.0.0.1\n    tags: [sim]\n    pdu: VPDU\n    pdu_port_id: '1'\n    pdu_off_delay: 0.1\n    ready_for_service: true\n"
-            ),
-        )
-        .unwrap();
-        let env = |k: &str, v: String| (k.to_string(), v);
-        let exec_env = vec![
-            env("PATH", std::env::var("PATH").unwrap_or_default()),
-            env("RUST_LOG", "debug".into()),
-            env("FARM_NAME", "buckets".into()),
-            env("MARS_DB_FILE", db.display().to_string()),
-            env("EXECUTOR_HOST", "127.0.0.1".into()),
-            env("EXECUTOR_PORT", exec_port.to_string()),
-            env("SALAD_URL", format!("http://127.0.0.1:{salad_port}")),
-            env("BOOTS_DISABLE_SERVERS", "1".into()),
-            env("SERGENT_HARTMAN_QUICK_CHECK", "disabled".into()),
-            env(
-                "GITLAB_CONF_FILE",
-                dir.path().join("gitlab-runner.toml").display().to_string(),
-            ),
-            env("MINIO_URL", sw.url.as_str().trim_end_matches('/').into()),
-            env("MINIO_ROOT_USER", sw.admin.access_key.clone()),
-            env("MINIO_ROOT_PASSWORD", sw.admin.secret_key.expose().into()),
-            env("VIVIAN_STORAGE_ADMIN_API", "iam-allow-only".into()),
-        ];
-        let mut f = RealFarm {
-            dir,
-            api: format!("http://127.0.0.1:{exec_port}"),
-            artifacts: format!("http://{files_addr}"),
-            exec_env,
-            executor: None,
-            _procs: vec![vpdu, salad],
-            _files: files_task,
-        };
-        f.start_executor().await;
-        f
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// Starts the executor and waits until its API answers.
-    async fn start_executor(&mut self) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(self.path("executor.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_executor"))
-            .env_clear()
-            .envs(self.exec_env.iter().map(|(k, v)| (k, v)))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("the executor binary starts");
-        self.executor = Some(Proc(child));
-        wait_for(
-            &format!("{}/api/v1/dut/{DUT}", self.api),
-            "the executor's API",
-            |v| v["state"].is_string(),
-        )
-        .await;
-    }
-
-    /// SIGKILLs the executor.
-    fn kill_executor(&mut self) {
-        let mut p = self.executor.take().expect("a running executor");
-        p.0.kill().unwrap();
-        p.0.wait().unwrap();
-    }
-
+    /// A job whose DUT sends what it got (its bucket and credentials) to
+    /// the `recorder`, then runs `end`.
     fn job(&self, name: &str, recorder: SocketAddr, end: &[&str]) -> PathBuf {
-        let mut cmdline = String::from("        - \"SALAD.machine_id={{ machine_id }}\"\n");
-        cmdline.push_str(&format!(
-            "        - 'vivian.cmd=\"get http://{recorder}/dut/{{{{ job_bucket }}}}/{{{{ job_bucket_access_key }}}}/{{{{ job_bucket_secret_key }}}}\"'\n"
-        ));
-        for c in end {
-            cmdline.push_str(&format!("        - 'vivian.cmd=\"{c}\"'\n"));
-        }
-        let text = format!(
-            r#"version: 1
-target: {{id: "{DUT}"}}
+        let get = format!(
+            "get http://{recorder}/dut/{{{{ job_bucket }}}}/{{{{ job_bucket_access_key }}}}/{{{{ job_bucket_secret_key }}}}"
+        );
+        let cmds: Vec<&str> = std::iter::once(get.as_str())
+            .chain(end.iter().copied())
+            .collect();
+        let head = format!(
+            r#"target: {{id: "{ONE_DUT}"}}
 timeouts:
   overall: {{minutes: 2}}
   console_activity: {{minutes: 2}}
 console_patterns:
   session_end: {{regex: "reboot: Power down"}}
-  job_success: {{regex: "^JOB_RESULT=PASS"}}
-deployment:
-  start:
-    kernel:
-      url: "{a}/kernel"
-      cmdline:
-{cmdline}    initramfs:
-      url: "{a}/initrd"
-"#,
-            a = self.artifacts
+  job_success: {{regex: "^JOB_RESULT=PASS"}}"#
         );
-        let p = self.path(name);
-        std::fs::write(&p, text).unwrap();
-        p
+        self.write_sim_job(name, &head, &cmds)
     }
 
-    /// Starts the reference `executorctl` (0.2.1 from PyPI) with a stub
-    /// `mcli` that records the `MC_HOST_client` URL it is given.
-    fn executorctl(&self, venv: &Path, args: &[String], name: &str) -> Proc {
+    /// Starts the reference `executorctl` (0.2.1 from PyPI) on `job`, as
+    /// the member of `g1` whose `-a` credential is `auth`, with the share
+    /// folder `share` and a stub `mcli` that records the `MC_HOST_client`
+    /// URL it is given. Its output goes to the file `name`.
+    fn executorctl(&self, venv: &Path, auth: &str, share: &Path, job: &Path, name: &str) -> Proc {
         use std::os::unix::fs::PermissionsExt;
         let stub_dir = self.path("stub-bin");
         std::fs::create_dir_all(&stub_dir).unwrap();
@@ -257,12 +110,12 @@ deployment:
         )
         .unwrap();
         std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let mut all = vec!["-e".to_string(), self.api.clone(), "run".into()];
-        all.extend_from_slice(args);
         let out = std::fs::File::create(self.path(name)).unwrap();
         Proc(
             Command::new(venv.join("executorctl"))
-                .args(&all)
+                .args(["-e", &self.api, "run", "-a", auth, "-g", "g1", "-s"])
+                .arg(share)
+                .arg(job)
                 .env(
                     "PATH",
                     format!(
@@ -378,9 +231,9 @@ async fn executor_restart_removes_a_killed_jobs_bucket_and_logs_no_secret() {
     let alice: Credentials = iam.create_user_with_key("alice").await.unwrap();
     iam.add_user_to_group("alice", "g1").await.unwrap();
     let (rec, seen, _stop) = recorder().await;
-    let mut farm = RealFarm::start(&sw).await;
+    let mut farm = bucket_farm(&sw).await;
     wait_for(
-        &format!("{}/api/v1/dut/{DUT}", farm.api),
+        &format!("{}/api/v1/dut/{ONE_DUT}", farm.api),
         "the DUT becomes IDLE",
         |v| v["state"] == "IDLE",
     )
@@ -392,19 +245,7 @@ async fn executor_restart_removes_a_killed_jobs_bucket_and_logs_no_secret() {
 
     // 1. A job that hangs once its DUT got its credentials.
     let hang = farm.job("hang.yml", rec, &["print waiting for the kill", "hang"]);
-    let client1 = farm.executorctl(
-        &venv,
-        &[
-            "-a".into(),
-            auth.clone(),
-            "-g".into(),
-            "g1".into(),
-            "-s".into(),
-            share.display().to_string(),
-            hang.display().to_string(),
-        ],
-        "client1.out",
-    );
+    let client1 = farm.executorctl(&venv, &auth, &share, &hang, "client1.out");
     let first = until_or(60, || seen.lock().unwrap().first().cloned()).await;
     let Some((bucket1, _, dut_secret1)) = first else {
         panic!(
@@ -448,25 +289,13 @@ async fn executor_restart_removes_a_killed_jobs_bucket_and_logs_no_secret() {
     // 3. A job to its end, with the reference client (its mcli step gets
     // the client credential).
     wait_for(
-        &format!("{}/api/v1/dut/{DUT}", farm.api),
+        &format!("{}/api/v1/dut/{ONE_DUT}", farm.api),
         "the DUT becomes IDLE after the restart",
         |v| v["state"] == "IDLE",
     )
     .await;
     let pass = farm.job("pass.yml", rec, &["print JOB_RESULT=PASS", "poweroff"]);
-    let mut client2 = farm.executorctl(
-        &venv,
-        &[
-            "-a".into(),
-            auth.clone(),
-            "-g".into(),
-            "g1".into(),
-            "-s".into(),
-            share.display().to_string(),
-            pass.display().to_string(),
-        ],
-        "client2.out",
-    );
+    let mut client2 = farm.executorctl(&venv, &auth, &share, &pass, "client2.out");
     let Some(status) = until_or(90, || client2.0.try_wait().unwrap()).await else {
         panic!("the second job did not end in time:\n{}", farm.diag());
     };

@@ -16,7 +16,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use executorctl_support::{standard_script, write_job, FakeExecutor};
-use process_support::{free_port, wait_for, Proc};
+use process_support::farm::{RealFarm, ONE_DUT};
+use process_support::wait_for;
 use vivian_core::job::JobStatus;
 use vivian_core::protocol::{FrameDecoder, Message, Payload, SubmissionMetadata};
 
@@ -273,152 +274,26 @@ print(json.dumps(out))
 /// Our real executor, as an operator runs it: `salad`, `vpdu` with
 /// simulated DUTs, `executor` on a MarsDB file (one DUT, tag `sim`, with
 /// `EXECUTOR_JOB__POOL=sim`), and an HTTP server for the job artifacts.
-struct RealFarm {
-    api: String,
-    artifacts: String,
-    dir: tempfile::TempDir,
-    _procs: Vec<Proc>,
-    _files: tokio::task::JoinHandle<()>,
-}
-
-const REAL_DUT: &str = "52:54:00:11:22:01";
-
 async fn real_farm() -> RealFarm {
-    let dir = tempfile::tempdir().unwrap();
-    let files = dir.path().join("files");
-    std::fs::create_dir(&files).unwrap();
-    std::fs::write(
-        files.join("kernel"),
-        "#!vivian-sim\nprint [    1.000000] simulated kernel up\n",
-    )
-    .unwrap();
-    std::fs::write(files.join("initrd"), "initrd").unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let files_addr = listener.local_addr().unwrap();
-    let files_task = tokio::spawn(warp::serve(warp::fs::dir(files)).incoming(listener).run());
-
-    let salad_port = free_port();
-    let netconsole_port = free_port();
-    let exec_port = free_port();
-    let quiet = || Stdio::null();
-    let salad = Proc(
-        Command::new(env!("CARGO_BIN_EXE_salad"))
-            .env("SALAD_PORT", salad_port.to_string())
-            .env("SALAD_TCPCONSOLE_PORT", netconsole_port.to_string())
-            .env("SALAD_TCPCONSOLE_HOST", "127.0.0.1")
-            .env("SALAD_MACHINE_HOST", "127.0.0.1")
-            .env("SALAD_LOG_DIR", dir.path().join("consoles"))
-            .env("SALAD_SERIAL_GLOBS", "")
-            .stdout(quiet())
-            .stderr(quiet())
-            .spawn()
-            .expect("the salad binary starts"),
-    );
-    wait_for(
-        &format!("http://127.0.0.1:{salad_port}/api/v1/machine"),
-        "salad",
-        |_| true,
-    )
-    .await;
-
-    let mut vpdu = Proc(
-        Command::new(env!("CARGO_BIN_EXE_vpdu"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--num-ports", "2"])
-            .args(["--salad-console-port", &netconsole_port.to_string()])
-            .args(["--executor-url", &format!("http://127.0.0.1:{exec_port}")])
-            .stdout(Stdio::piped())
-            .stderr(quiet())
-            .spawn()
-            .expect("the vpdu binary starts"),
-    );
-    let stdout = vpdu.0.stdout.take().unwrap();
-    let banner = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let vpdu_addr = banner
-        .split_whitespace()
-        .nth(3)
-        .unwrap_or_else(|| panic!("unexpected vpdu banner {banner:?}"))
-        .to_string();
-
-    let db = dir.path().join("mars_db.yaml");
-    std::fs::write(
-        &db,
-        format!(
-            "pdus:\n  VPDU:\n    driver: vpdu\n    config:\n      hostname: {vpdu_addr}\nduts:\n  {REAL_DUT}:\n    base_name: sim\n    ip_address: 127.0.0.1\n    tags: [sim]\n    pdu: VPDU\n    pdu_port_id: '1'\n    pdu_off_delay: 0.1\n    ready_for_service: true\n"
-        ),
-    )
-    .unwrap();
-    let executor = Proc(
-        Command::new(env!("CARGO_BIN_EXE_executor"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("FARM_NAME", "compat")
-            .env("MARS_DB_FILE", &db)
-            .env("EXECUTOR_HOST", "127.0.0.1")
-            .env("EXECUTOR_PORT", exec_port.to_string())
-            .env("SALAD_URL", format!("http://127.0.0.1:{salad_port}"))
-            .env("BOOTS_DISABLE_SERVERS", "1")
-            .env("SERGENT_HARTMAN_QUICK_CHECK", "disabled")
-            .env("GITLAB_CONF_FILE", dir.path().join("gitlab-runner.toml"))
-            // A variable of the job templates (EX B.6), used by the jobs'
-            // target: the submission-time render must see it too.
-            .env("EXECUTOR_JOB__POOL", "sim")
-            .stdout(quiet())
-            .stderr(quiet())
-            .spawn()
-            .expect("the executor binary starts"),
-    );
-    let api = format!("http://127.0.0.1:{exec_port}");
-    wait_for(
-        &format!("{api}/api/v1/dut/{REAL_DUT}"),
-        "the DUT becomes IDLE",
-        |v| v["state"] == "IDLE",
-    )
-    .await;
-    RealFarm {
-        api,
-        artifacts: format!("http://{files_addr}"),
-        dir,
-        _procs: vec![executor, vpdu, salad],
-        _files: files_task,
-    }
+    RealFarm::builder("compat")
+        // A variable of the job templates (EX B.6), used by the jobs'
+        // target: the submission-time render must see it too.
+        .env("EXECUTOR_JOB__POOL", "sim")
+        .start()
+        .await
 }
 
 impl RealFarm {
     /// Writes a job whose DUT runs `cmds` (simulated-DUT script commands).
     fn job(&self, name: &str, extra: &str, cmds: &[&str]) -> PathBuf {
-        let mut cmdline = String::from("        - \"SALAD.machine_id={{ machine_id }}\"\n");
-        for c in cmds {
-            cmdline.push_str(&format!("        - 'vivian.cmd=\"{c}\"'\n"));
-        }
-        let text = format!(
-            r#"version: 1
-target: {{tags: ["{{{{ pool }}}}"]}}
+        let head = format!(
+            r#"target: {{tags: ["{{{{ pool }}}}"]}}
 {extra}
 console_patterns:
   session_end: {{regex: "reboot: Power down"}}
-  job_success: {{regex: "^JOB_RESULT=PASS"}}
-deployment:
-  start:
-    kernel:
-      url: "{a}/kernel"
-      cmdline:
-{cmdline}    initramfs:
-      url: "{a}/initrd"
-"#,
-            a = self.artifacts
+  job_success: {{regex: "^JOB_RESULT=PASS"}}"#
         );
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
+        self.write_sim_job(name, &head, cmds)
     }
 
     async fn run(&self, job: &Path, extra_args: &[&str]) -> (Option<i32>, String) {
@@ -433,7 +308,7 @@ deployment:
         );
         // The DUT goes back to IDLE before the next job.
         wait_for(
-            &format!("{}/api/v1/dut/{REAL_DUT}", self.api),
+            &format!("{}/api/v1/dut/{ONE_DUT}", self.api),
             "the DUT goes back to IDLE",
             |v| v["state"] == "IDLE",
         )
@@ -460,7 +335,7 @@ async fn reference_client_runs_jobs_on_our_real_executor() {
     let (code, out) = farm.run(&pass, &["-j", "compat-pass"]).await;
     assert_eq!(code, Some(0), "PASS exits 0:\n{out}");
     assert!(out.contains("simulated kernel up"), "{out}");
-    assert!(out.contains(&format!("running on {REAL_DUT}")), "{out}");
+    assert!(out.contains(&format!("running on {ONE_DUT}")), "{out}");
     assert!(out.contains("JOB_RESULT=PASS"), "{out}");
     assert!(out.contains("Matched the following patterns"), "{out}");
 
@@ -470,7 +345,7 @@ async fn reference_client_runs_jobs_on_our_real_executor() {
         "timeouts:\n  overall: {minutes: 1}",
         &["print JOB_RESULT=FAIL", "poweroff"],
     );
-    let (code, out) = farm.run(&fail, &["-i", REAL_DUT]).await;
+    let (code, out) = farm.run(&fail, &["-i", ONE_DUT]).await;
     assert_eq!(code, Some(3), "FAIL exits 3:\n{out}");
     assert!(out.contains("JOB_RESULT=FAIL"), "{out}");
 

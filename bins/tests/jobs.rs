@@ -13,10 +13,10 @@
 mod process_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use process_support::{free_port, wait_for, Proc};
+use process_support::farm::RealFarm;
 use vivian_core::job::JobStatus;
 use vivian_core::protocol::{FrameDecoder, Payload};
 
@@ -28,124 +28,26 @@ fn mac(i: u16) -> String {
 /// A farm of the real binaries with `duts` simulated DUTs (tags `sim` and
 /// `sim:outlet<i>`), plus an HTTP server for the job artifacts (the
 /// simulated kernel and initrd).
-struct Farm {
-    api: String,
-    artifacts: String,
-    dir: tempfile::TempDir,
-    _procs: Vec<Proc>,
-    _files: tokio::task::JoinHandle<()>,
+async fn start_farm(duts: u8) -> RealFarm {
+    start_farm_with(duts, &[]).await
 }
 
-impl Farm {
-    async fn start(duts: u8) -> Farm {
-        Farm::start_with(duts, &[]).await
-    }
-
-    /// A farm whose executor has `env` added to its environment.
-    async fn start_with(duts: u8, env: &[(&str, String)]) -> Farm {
-        let dir = tempfile::tempdir().unwrap();
-        let files = dir.path().join("files");
-        std::fs::create_dir(&files).unwrap();
-        std::fs::write(files.join("kernel"), vivian::demo::DEMO_KERNEL).unwrap();
-        std::fs::write(files.join("initrd"), "simulated initramfs\n").unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let files_addr = listener.local_addr().unwrap();
-        let files_task = tokio::spawn(warp::serve(warp::fs::dir(files)).incoming(listener).run());
-
-        let salad_port = free_port();
-        let netconsole_port = free_port();
-        let exec_port = free_port();
-        let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
-        let salad = Proc(
-            Command::new(env!("CARGO_BIN_EXE_salad"))
-                .env("SALAD_PORT", salad_port.to_string())
-                .env("SALAD_TCPCONSOLE_PORT", netconsole_port.to_string())
-                .env("SALAD_TCPCONSOLE_HOST", "127.0.0.1")
-                .env("SALAD_MACHINE_HOST", "127.0.0.1")
-                .env("SALAD_LOG_DIR", dir.path().join("consoles"))
-                .env("SALAD_SERIAL_GLOBS", "")
-                .stdout(Stdio::null())
-                .stderr(log("salad.log"))
-                .spawn()
-                .expect("the salad binary starts"),
-        );
-        wait_for(
-            &format!("http://127.0.0.1:{salad_port}/api/v1/machine"),
-            "salad",
-            |_| true,
-        )
-        .await;
-
-        let mut vpdu = Proc(
-            Command::new(env!("CARGO_BIN_EXE_vpdu"))
-                .args(["--host", "127.0.0.1", "--port", "0"])
-                .args(["--num-ports", &duts.to_string()])
-                .args(["--salad-console-port", &netconsole_port.to_string()])
-                .args(["--executor-url", &format!("http://127.0.0.1:{exec_port}")])
-                .stdout(Stdio::piped())
-                .stderr(log("vpdu.log"))
-                .spawn()
-                .expect("the vpdu binary starts"),
-        );
-        let stdout = vpdu.0.stdout.take().unwrap();
-        let banner = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            let mut line = String::new();
-            std::io::BufReader::new(stdout)
-                .read_line(&mut line)
-                .unwrap();
-            line
+/// A farm whose executor has `env` added to its environment.
+async fn start_farm_with(duts: u8, env: &[(&str, String)]) -> RealFarm {
+    let mut b = RealFarm::builder("jobs")
+        .marsdb(duts, (0..u16::from(duts)).map(mac).collect(), move |a| {
+            vivian::demo::demo_marsdb(a, duts)
         })
-        .await
-        .unwrap();
-        let vpdu_addr: std::net::SocketAddr = banner
-            .split_whitespace()
-            .nth(3)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected vpdu banner {banner:?}"));
-
-        let db = dir.path().join("mars_db.yaml");
-        std::fs::write(&db, vivian::demo::demo_marsdb(vpdu_addr, duts)).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_executor"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env("FARM_NAME", "jobs")
-            .env("MARS_DB_FILE", &db)
-            .env("EXECUTOR_HOST", "127.0.0.1")
-            .env("EXECUTOR_PORT", exec_port.to_string())
-            .env("EXECUTOR_URL", format!("http://127.0.0.1:{exec_port}"))
-            .env("SALAD_URL", format!("http://127.0.0.1:{salad_port}"))
-            .env("BOOTS_DISABLE_SERVERS", "1")
-            .env("SERGENT_HARTMAN_QUICK_CHECK", "disabled")
-            .env("GITLAB_CONF_FILE", dir.path().join("gitlab-runner.toml"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let executor = Proc(
-            cmd.stdout(log("executor.out"))
-                .stderr(log("executor.log"))
-                .spawn()
-                .expect("the executor binary starts"),
-        );
-        let api = format!("http://127.0.0.1:{exec_port}");
-        for i in 0..u16::from(duts) {
-            wait_for(
-                &format!("{api}/api/v1/dut/{}", mac(i)),
-                "the DUT becomes IDLE",
-                |v| v["state"] == "IDLE",
-            )
-            .await;
-        }
-        Farm {
-            api,
-            artifacts: format!("http://{files_addr}"),
-            dir,
-            _procs: vec![executor, vpdu, salad],
-            _files: files_task,
-        }
+        .artifacts(vivian::demo::DEMO_KERNEL, "simulated initramfs\n")
+        .env("RUST_LOG", "info")
+        .executor_url();
+    for (k, v) in env {
+        b = b.env(k, v.clone());
     }
+    b.start().await
+}
 
+impl RealFarm {
     /// Writes a job file (`@ARTIFACTS@` replaced by the artifacts' URL).
     fn write_job(&self, name: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(name);
@@ -300,7 +202,7 @@ timeouts:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sample_job_passes_and_the_dut_goes_back_to_idle() {
-    let f = Farm::start(2).await;
+    let f = start_farm(2).await;
     let path = f.write_job("sample.yml.j2", vivian::demo::SAMPLE_JOB);
     let (status, out) = f.executorctl(&path, &[]).await;
     assert_eq!(status, JobStatus::Pass, "{out}");
@@ -320,7 +222,7 @@ async fn sample_job_passes_and_the_dut_goes_back_to_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verdicts_pass_fail_warn_complete() {
-    let f = Farm::start(4).await;
+    let f = start_farm(4).await;
     let cases: [(&str, String, JobStatus); 4] = [
         (
             "pass",
@@ -378,7 +280,7 @@ async fn verdicts_pass_fail_warn_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_reboot_boots_the_continue_deployment() {
-    let f = Farm::start(1).await;
+    let f = start_farm(1).await;
     // The first boot asks for a reboot; `continue` boots a command line
     // that passes.
     let text = r#"version: 1
@@ -419,7 +321,7 @@ deployment:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_running_job() {
-    let f = Farm::start(1).await;
+    let f = start_farm(1).await;
     let text = job(&["sim"], PATTERNS, &["print started", "hang"]);
     let path = f.write_job("cancel.yml", &text);
     let job = f.spawn(path, &[]);
@@ -453,7 +355,7 @@ async fn cancel_stops_a_running_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_jobs_on_one_dut_with_wait_run_one_after_the_other() {
-    let f = Farm::start(1).await;
+    let f = start_farm(1).await;
     let text = job(
         &["sim"],
         PATTERNS,
@@ -475,7 +377,7 @@ async fn two_jobs_on_one_dut_with_wait_run_one_after_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_dut_refuses_a_job_without_wait() {
-    let f = Farm::start(1).await;
+    let f = start_farm(1).await;
     let long = job(
         &["sim"],
         PATTERNS,
@@ -490,7 +392,7 @@ async fn a_busy_dut_refuses_a_job_without_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_spread_over_the_duts_matching_their_tags() {
-    let f = Farm::start(4).await;
+    let f = start_farm(4).await;
     let text = job(
         &["sim"],
         PATTERNS,
@@ -524,7 +426,7 @@ async fn jobs_spread_over_the_duts_matching_their_tags() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_past_its_deadline_is_refused() {
-    let f = Farm::start(1).await;
+    let f = start_farm(1).await;
     let text = job(&["sim"], PATTERNS, &["print JOB_RESULT=PASS", "poweroff"]).replace(
         "version: 1\n",
         "version: 1\ndeadline: \"2001-01-01 00:00:00\"\n",
@@ -670,7 +572,7 @@ async fn each_timeout_expires_with_and_without_retries_left() {
             told: &["Hit: timeout heartbeat expired (retry 1/0): no retries left"],
         },
     ];
-    let f = Farm::start(cases.len() as u8).await;
+    let f = start_farm(cases.len() as u8).await;
     let mut handles = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let list = |cmds: &[&str]| {
@@ -767,7 +669,7 @@ async fn infra_setup_expires_and_is_never_retried() {
     // `infra_setup`; an origin that never answers makes it expire. A setup
     // failure ends the session (EX D.6 step 7): `retries` do not apply.
     let cache = tempfile::tempdir().unwrap();
-    let f = Farm::start_with(
+    let f = start_farm_with(
         2,
         &[(
             "EXECUTOR_ARTIFACT_CACHE_ROOT",
@@ -811,7 +713,7 @@ async fn infra_setup_expires_and_is_never_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn infra_teardown_expires_when_the_client_keeps_the_connection() {
-    let f = Farm::start(1).await;
+    let f = start_farm(1).await;
     // Neither `infra_teardown` nor `overall` can have retries (EX B.3):
     // refused at submission, with the reason.
     for (name, timeout) in [

@@ -1,9 +1,12 @@
 //! What the tests that start the real binaries share: a child process
-//! killed on drop, a free loopback port and a bounded wait for a JSON
-//! answer. (Each test file compiles this module on its own and uses part
-//! of it.)
+//! killed on drop, a free loopback port, a bounded wait for a JSON
+//! answer, and a whole farm of the real binaries ([`farm::RealFarm`]).
+//! (Each test file compiles this module on its own and uses part of it;
+//! the `vivian-tests` package compiles it too, by its path.)
 
 #![allow(dead_code)]
+
+pub mod farm;
 
 use std::process::Child;
 use std::time::Duration;
