@@ -506,6 +506,23 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
         ),
         _ => "not accounted by this kernel".into(),
     };
+    let mode = format!(
+        "{}{}",
+        if args.realtime { ", SCHED_FIFO" } else { "" },
+        if args.floor {
+            format!(
+                ", FLOOR: bare epoll forwarder, {} ms batching",
+                args.batch_ms
+            )
+        } else if args.multi_thread {
+            ", multi-thread runtime".to_string()
+        } else {
+            format!(
+                ", {} thread(s), {} ms batching",
+                args.threads, args.batch_ms
+            )
+        }
+    );
     format!(
         "salad-bench: {n} consoles at {} baud ({} B/s each, {chunk}-byte chunks every {} ms), {:.1} s measured{}\n\
          offered {:.2} MB/s ({:.0} chunks/s), delivered {:.2} MB/s to {n} read-write clients\n\
@@ -518,17 +535,7 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
         args.baud / 10,
         args.chunk_ms,
         wall,
-        format!(
-            "{}{}",
-            if args.realtime { ", SCHED_FIFO" } else { "" },
-            if args.floor {
-                format!(", FLOOR: bare epoll forwarder, {} ms batching", args.batch_ms)
-            } else if args.multi_thread {
-                ", multi-thread runtime".to_string()
-            } else {
-                format!(", {} thread(s), {} ms batching", args.threads, args.batch_ms)
-            }
-        ),
+        mode,
         sent_bytes as f64 / wall / 1e6,
         sent_chunks as f64 / wall,
         recv as f64 / wall / 1e6,
