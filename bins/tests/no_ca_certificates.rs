@@ -28,6 +28,8 @@ async fn the_executor_starts_without_any_ca_certificate() {
         .env("BOOTS_DISABLE_SERVERS", "1")
         .env("SALAD_URL", "http://127.0.0.1:1")
         .env("GITLAB_CONF_FILE", dir.path().join("gitlab-runner.toml"))
+        // The artifact cache builds an HTTP client of its own.
+        .env("EXECUTOR_ARTIFACT_CACHE_ROOT", dir.path().join("cache"))
         // What rustls' platform verifier reads on Linux: nothing there.
         .env("SSL_CERT_FILE", empty.join("none.pem"))
         .env("SSL_CERT_DIR", &empty)
@@ -47,4 +49,10 @@ async fn the_executor_starts_without_any_ca_certificate() {
         let out = std::fs::read_to_string(&log).unwrap_or_default();
         panic!("the executor did not serve its API without CA certificates:\n{out}");
     }
+    drop(exe);
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.contains("the artifact cache client works over http only"),
+        "the artifact cache was opened without CA certificates and says so:\n{out}"
+    );
 }

@@ -422,17 +422,21 @@ impl ArtifactCache {
     /// Opens (creating it if needed) the cache folder of `config`.
     pub fn open(config: CacheConfig) -> Result<Self, CacheError> {
         let store = store::Store::open(&config.root)?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.stall_timeout)
-            .user_agent(concat!("vivian-cache/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| {
-                CacheError::io(
-                    &config.root,
-                    std::io::Error::other(format!("cannot create the HTTP client: {e}")),
-                )
-            })?;
+        // Without CA certificates the cache still serves http origins (the
+        // fallback of vivian_core::http_client; https ones then fail naming
+        // the URL).
+        let (client, _roots) = vivian_core::http_client::build_with("artifact cache", || {
+            vivian_core::http_client::builder()
+                .connect_timeout(config.connect_timeout)
+                .read_timeout(config.stall_timeout)
+                .user_agent(concat!("vivian-cache/", env!("CARGO_PKG_VERSION")))
+        })
+        .map_err(|e| {
+            CacheError::io(
+                &config.root,
+                std::io::Error::other(format!("cannot create the HTTP client: {e}")),
+            )
+        })?;
         let cache = ArtifactCache {
             inner: Arc::new(Inner {
                 config,
