@@ -328,7 +328,16 @@ async fn executor_restart_removes_a_killed_jobs_bucket_and_logs_no_secret() {
     assert!(exec_log.contains(&bucket2), "{exec_log}");
     let job_logs = farm.read_all("job_logs");
     assert!(job_logs.contains("JOB_RESULT=PASS"), "{job_logs}");
-    let consoles = farm.read_all("consoles");
+    // salad writes its console logs a little later than it forwards the
+    // bytes (every 250 ms): wait for the file, bounded.
+    let mut consoles = farm.read_all("consoles");
+    for _ in 0..50 {
+        if consoles.contains("JOB_RESULT=PASS") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        consoles = farm.read_all("consoles");
+    }
     assert!(consoles.contains("JOB_RESULT=PASS"), "{consoles}");
     let secrets = [
         ("the first DUT's secret", dut_secret1.as_str()),
