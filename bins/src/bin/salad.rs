@@ -13,7 +13,7 @@
 //!   `SALAD_SERIAL_SCAN_MS` (500): serial ports and hot-plug scan period;
 //! - `SALAD_LOG_DIR` (`/var/log/salad`, empty to disable): console logs;
 //! - `SALAD_CONSOLE_USB_RESET_DISABLE`, `SALAD_CONSOLE_USB_RESET_POWER_OFF_TIME`;
-//! - `SALAD_BATCH_MS` (2, 0-20; 0 disables it) and `SALAD_THREADS` (1):
+//! - `SALAD_BATCH_MS` (1, 0-20; 0 disables it) and `SALAD_THREADS` (1):
 //!   wake-up batching and threads of the runtime, see `vivian_salad::runtime`.
 
 use anyhow::Context;
