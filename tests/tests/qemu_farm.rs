@@ -30,6 +30,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+// The binaries are found as the other farm tests find them.
+#[path = "../../bins/tests/process_support/mod.rs"]
+mod process_support;
+use process_support::farm::bin;
+
 /// The farm's private network (the bridge in the namespace).
 const BRIDGE: &str = "br0";
 const SERVER_IP: &str = "10.42.0.1";
@@ -60,21 +65,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn bin(name: &str) -> PathBuf {
-    let mut p = std::env::current_exe().unwrap();
-    p.pop();
-    if p.ends_with("deps") {
-        p.pop();
-    }
-    let p = p.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace (cargo test --workspace builds it)",
-        p.display()
-    );
-    p
 }
 
 fn repo_root() -> PathBuf {
