@@ -288,16 +288,8 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     let _ = farm_sink.set(vivian_core::netboot::discovery_sink(farm.clone(), log_sink));
 
     // The job engine: consoles from SALAD_URL, job logs next to MarsDB.
-    if roots == vivian_core::http_client::TlsRoots::Missing
-        && config.salad_url.url().scheme() == "https"
-    {
-        anyhow::bail!(
-            "SALAD_URL={}: cannot set up TLS: the system has no CA certificate",
-            config.salad_url.as_str()
-        );
-    }
     let console: Arc<dyn vivian_core::console::ConsoleSource> = Arc::new(
-        vivian_salad::SaladClient::with_http_client(config.salad_url.as_str(), http.clone())
+        vivian_salad::SaladClient::with_http_client(config.salad_url.as_str(), http.clone(), roots)
             .map_err(|e| anyhow::anyhow!("SALAD_URL={}: {e}", config.salad_url.as_str()))?,
     );
     let log_dir = config

@@ -96,27 +96,32 @@ impl SaladClient {
     /// share one). Without system CA certificates an `http://` SALAD still
     /// works (a warning is logged); an `https://` one is refused.
     pub fn new(url: &str) -> Result<Self, ConsoleError> {
-        let (base, host, https) = parse_salad_url(url)?;
+        parse_salad_url(url)?;
         let (http, roots) = vivian_core::http_client::build_with("SALAD", || {
             vivian_core::http_client::builder().connect_timeout(CONNECT_TIMEOUT)
         })
         .map_err(|e| salad_url_error(url, e.to_string()))?;
+        Self::with_http_client(url, http, roots)
+    }
+
+    /// A client of the SALAD at `url` that sends its requests with `http`
+    /// (a clone of a client shared with the rest of the process, from
+    /// [`vivian_core::http_client`] say), built with `roots`: an `https://`
+    /// URL is refused when the client has no TLS root. Each request is
+    /// limited to 30 s whatever the client's own timeouts; connecting is
+    /// limited by the client's connect timeout.
+    pub fn with_http_client(
+        url: &str,
+        http: reqwest::Client,
+        roots: TlsRoots,
+    ) -> Result<Self, ConsoleError> {
+        let (base, host, https) = parse_salad_url(url)?;
         if https && roots == TlsRoots::Missing {
             return Err(salad_url_error(
                 url,
                 "cannot set up TLS for SALAD_URL: the system has no CA certificate".into(),
             ));
         }
-        Ok(Self { base, host, http })
-    }
-
-    /// A client of the SALAD at `url` that sends its requests with `http`
-    /// (a clone of a client shared with the rest of the process, from
-    /// [`vivian_core::http_client`] say). Each request is limited to 30 s
-    /// whatever the client's own timeouts; connecting is limited by the
-    /// client's connect timeout.
-    pub fn with_http_client(url: &str, http: reqwest::Client) -> Result<Self, ConsoleError> {
-        let (base, host, _) = parse_salad_url(url)?;
         Ok(Self { base, host, http })
     }
 
@@ -430,9 +435,18 @@ mod tests {
             .tls_certs_only([])
             .build()
             .unwrap();
-        assert!(SaladClient::with_http_client("ftp://x", http.clone()).is_err());
-        assert!(SaladClient::with_http_client("not a url", http.clone()).is_err());
-        let c = SaladClient::with_http_client("http://[::1]:8005/", http).unwrap();
+        let roots = TlsRoots::Missing;
+        assert!(SaladClient::with_http_client("ftp://x", http.clone(), roots).is_err());
+        assert!(SaladClient::with_http_client("not a url", http.clone(), roots).is_err());
+        let e = SaladClient::with_http_client("https://gw:8005", http.clone(), roots)
+            .err()
+            .expect("https without TLS roots is refused");
+        assert!(e.to_string().contains("no CA certificate"), "{e}");
+        assert!(
+            SaladClient::with_http_client("https://gw:8005", http.clone(), TlsRoots::System)
+                .is_ok()
+        );
+        let c = SaladClient::with_http_client("http://[::1]:8005/", http, roots).unwrap();
         assert_eq!(c.name(), "http://[::1]:8005");
         assert_eq!(c.host, "::1");
     }
@@ -447,7 +461,7 @@ mod tests {
             .tls_certs_only([])
             .build()
             .unwrap();
-        let salad = SaladClient::with_http_client(&url, http).unwrap();
+        let salad = SaladClient::with_http_client(&url, http, TlsRoots::Missing).unwrap();
         let start = tokio::time::Instant::now();
         let result = tokio::time::timeout(Duration::from_secs(3600), salad.machines())
             .await
