@@ -55,10 +55,6 @@ impl std::fmt::Debug for Artifacts {
     }
 }
 
-/// Parses a size such as `500M`, `20G`, `1.5T` or a plain byte count (the
-/// parser of `EXECUTOR_ARTIFACT_CACHE_MAX_SIZE`).
-pub use vivian_core::config::parse_size;
-
 impl Artifacts {
     /// A cache with `config`, giving DUTs URLs under `executor_url`.
     pub fn new(config: CacheConfig, executor_url: &str) -> anyhow::Result<Artifacts> {
@@ -404,13 +400,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("20 GiB"), Some(20 << 30));
-        assert_eq!(parse_size("1.5k"), Some(1536));
-        assert_eq!(parse_size("lots"), None);
-    }
 
     #[test]
     fn human_sizes() {

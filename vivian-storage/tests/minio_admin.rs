@@ -10,6 +10,33 @@ use vivian_core::storage::{
 use vivian_storage::fake_minio::FakeMinio;
 use vivian_storage::MinioAdmin;
 
+/// Run a client program against `fake` with its `host:port`, the root
+/// access key and secret, then `extra` arguments; it must succeed and print
+/// one JSON document, which is returned.
+async fn run_client(
+    mut cmd: Command,
+    fake: &FakeMinio,
+    extra: &[&std::ffi::OsStr],
+) -> serde_json::Value {
+    let host = format!(
+        "{}:{}",
+        fake.url.host_str().unwrap(),
+        fake.url.port().unwrap()
+    );
+    let r = root();
+    cmd.args([&host, &r.access_key, r.secret_key.expose()])
+        .args(extra);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn root() -> Credentials {
     Credentials::new("minioadmin", "minio-root-password")
 }
@@ -129,27 +156,9 @@ async fn the_fake_serves_python_minio_admin() {
         r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":["s3:GetObject"],"Resource":["arn:aws:s3:::shared/*"]}]}"#,
     )
     .unwrap();
-    let host = format!(
-        "{}:{}",
-        fake.url.host_str().unwrap(),
-        fake.url.port().unwrap()
-    );
-    let r = root();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin.join("python"))
-            .args(["-c", PY_CLIENT, &host, &r.access_key, r.secret_key.expose()])
-            .arg(&policy)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut py = Command::new(bin.join("python"));
+    py.args(["-c", PY_CLIENT]);
+    let v = run_client(py, &fake, &[policy.as_os_str()]).await;
     assert_eq!(
         v["attach"]["policiesAttached"],
         serde_json::json!(["pypolicy"]),
@@ -221,26 +230,7 @@ async fn the_fake_serves_go_madmin() {
         .await
         .unwrap();
     let fake = FakeMinio::start(root()).await.unwrap();
-    let host = format!(
-        "{}:{}",
-        fake.url.host_str().unwrap(),
-        fake.url.port().unwrap()
-    );
-    let r = root();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin)
-            .args([&host, &r.access_key, r.secret_key.expose()])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_client(Command::new(bin), &fake, &[]).await;
     assert_eq!(v["group"]["name"], "gogroup", "{v}");
     assert_eq!(v["group"]["members"], serde_json::json!(["gouser"]), "{v}");
     assert_eq!(v["info"]["policyName"], "gopolicy", "{v}");

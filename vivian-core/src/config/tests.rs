@@ -647,7 +647,9 @@ fn sizes_take_binary_units() {
     assert_eq!(parse_size("20G"), Some(20 << 30));
     assert_eq!(parse_size(" 2 m "), Some(2 << 20));
     assert_eq!(parse_size("1.5T"), Some(3 << 39));
-    for bad in ["", "G", "12X", "-5", "nan", "1e30T"] {
+    assert_eq!(parse_size("20 GiB"), Some(20 << 30));
+    assert_eq!(parse_size("1.5k"), Some(1536));
+    for bad in ["", "G", "12X", "-5", "nan", "1e30T", "lots"] {
         assert_eq!(parse_size(bad), None, "{bad:?}");
     }
 }
