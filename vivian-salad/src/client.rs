@@ -438,9 +438,9 @@ mod tests {
         let roots = TlsRoots::Missing;
         assert!(SaladClient::with_http_client("ftp://x", http.clone(), roots).is_err());
         assert!(SaladClient::with_http_client("not a url", http.clone(), roots).is_err());
-        let e = SaladClient::with_http_client("https://gw:8005", http.clone(), roots)
-            .err()
-            .expect("https without TLS roots is refused");
+        let Err(e) = SaladClient::with_http_client("https://gw:8005", http.clone(), roots) else {
+            panic!("https without TLS roots is refused");
+        };
         assert!(e.to_string().contains("no CA certificate"), "{e}");
         assert!(
             SaladClient::with_http_client("https://gw:8005", http.clone(), TlsRoots::System)
