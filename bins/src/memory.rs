@@ -90,35 +90,71 @@ mod tests {
         )])));
     }
 
-    /// After tuning, a block of 100 KiB is served by `mmap` (so its memory
-    /// goes back to the system when freed), not kept in an arena.
+    /// Name of the environment variable that makes [`mmap_probe`] run.
+    const PROBE_VAR: &str = "VIVIAN_MALLOC_PROBE";
+
+    /// After tuning, blocks of 100 KiB (under glibc's default threshold of
+    /// 128 KiB) are served by `mmap`, so their memory goes back to the
+    /// system when freed instead of staying in an arena.
+    ///
+    /// The check runs in a fresh process ([`mmap_probe`]): in this one,
+    /// other tests allocate concurrently and leave free chunks in the
+    /// arenas that may serve a block of that size without `mmap` (that is
+    /// how an in-process version of this test failed on CI).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn large_blocks_come_from_mmap_once_tuned() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "memory::tests::mmap_probe",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(PROBE_VAR, "1")
+            .output()
+            .expect("re-running the test binary");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "the probe failed:\n{text}");
+        assert!(text.contains("1 passed"), "the probe did not run:\n{text}");
+    }
+
+    /// Run by [`large_blocks_come_from_mmap_once_tuned`] in a fresh process.
+    /// Eight 100 KiB blocks are held at once: the top of the heap of a fresh
+    /// process has room for at most two, so without tuning none of them is
+    /// mapped and with it at least six are.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    #[ignore = "run in a fresh process by large_blocks_come_from_mmap_once_tuned"]
+    fn mmap_probe() {
+        if std::env::var_os(PROBE_VAR).is_none() {
+            return;
+        }
         if environment_tunes_malloc(std::env::vars()) {
             eprintln!("skipped: the environment tunes malloc");
             return;
         }
-        assert!(tune_allocator());
         // SAFETY: mallinfo2 only reads the allocator's statistics.
         let mapped = || unsafe { libc::mallinfo2() }.hblks;
-        // Other tests of this process allocate concurrently: the counts are
-        // exact only when none of them maps or unmaps a block meanwhile, so
-        // a few attempts are allowed.
-        let mut seen = Vec::new();
-        for _ in 0..5 {
+        let count = |blocks: usize| {
             let before = mapped();
-            let block = std::hint::black_box(vec![1u8; 100 * 1024]);
+            let held: Vec<Vec<u8>> = (0..blocks)
+                .map(|_| std::hint::black_box(vec![1u8; 100 * 1024]))
+                .collect();
             let during = mapped();
-            drop(block);
-            let after = mapped();
-            if during == before + 1 && after == before {
-                return;
-            }
-            seen.push((before, during, after));
-        }
-        panic!(
-            "a 100 KiB block was not served by mmap (mapped blocks before/during/after: {seen:?})"
-        );
+            drop(held);
+            (during - before, mapped() - before)
+        };
+        let (untuned, _) = count(8);
+        assert_eq!(untuned, 0, "without tuning, 100 KiB blocks were mapped");
+        assert!(tune_allocator());
+        let (tuned, left) = count(8);
+        assert!(tuned >= 6, "only {tuned} of 8 blocks were mapped");
+        assert_eq!(left, 0, "mapped blocks were not unmapped on free");
     }
 }
