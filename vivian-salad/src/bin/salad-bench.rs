@@ -1,7 +1,19 @@
-//! Benchmark of the multiplexer: N simulated consoles (netconsole TCP
-//! connections) each sending at a serial line's rate (115200 baud = 11520
-//! bytes/s) in chunks every `--chunk-ms`, each with a read-write client
-//! attached, console logs written to disk.
+//! Benchmark of the multiplexer: N simulated consoles each sending at a
+//! serial line's rate (115200 baud = 11520 bytes/s) in chunks every
+//! `--chunk-ms`, each with a read-write client attached, console logs
+//! written to disk.
+//!
+//! The consoles are netconsole TCP connections by default; `--serial` makes
+//! them serial ports instead, simulated by pseudo-terminal pairs: the load
+//! generator writes to the master side, the multiplexer finds the slave
+//! sides through its serial globs (symbolic links in a temporary directory)
+//! and opens them as it opens `/dev/ttyUSB*`. The two modes differ in what
+//! the multiplexer's process pays for a console byte: for a netconsole the
+//! kernel's TCP receive path of the console connection runs in the
+//! generator's `send` but the multiplexer's `recv` and ACK are its own; for
+//! a pty, the line discipline runs in a kernel worker, as a USB serial
+//! adapter's does in interrupt context, and the multiplexer's `read` only
+//! copies.
 //!
 //! The multiplexer runs in a child process (the library exactly as the
 //! `salad` binary runs it), so its resource use can be read from `/proc`
@@ -67,9 +79,13 @@ struct Args {
     threads: usize,
     multi_thread: bool,
     floor: bool,
+    /// Pseudo-terminal consoles instead of netconsoles; in the multiplexer's
+    /// process: the directory of their links.
+    serial: bool,
+    serial_dir: Option<String>,
 }
 
-const USAGE: &str = "usage: salad-bench [--consoles N] [--seconds S] [--chunk-ms MS] [--baud B] [--realtime] [--batch-ms MS] [--threads N] [--multi-thread] [--floor]";
+const USAGE: &str = "usage: salad-bench [--consoles N] [--seconds S] [--chunk-ms MS] [--baud B] [--realtime] [--batch-ms MS] [--threads N] [--multi-thread] [--floor] [--serial]";
 
 fn parse_args() -> Result<(Args, bool), String> {
     let mut a = Args {
@@ -82,6 +98,8 @@ fn parse_args() -> Result<(Args, bool), String> {
         threads: 1,
         multi_thread: false,
         floor: false,
+        serial: false,
+        serial_dir: None,
     };
     let mut serve = false;
     let mut it = std::env::args().skip(1);
@@ -103,6 +121,14 @@ fn parse_args() -> Result<(Args, bool), String> {
                 a.floor = true;
                 continue;
             }
+            "--serial" => {
+                a.serial = true;
+                continue;
+            }
+            "--serial-dir" => {
+                a.serial_dir = Some(it.next().ok_or(format!("{k} needs a value\n{USAGE}"))?);
+                continue;
+            }
             "--help" | "-h" => return Err(USAGE.into()),
             _ => {}
         }
@@ -119,6 +145,11 @@ fn parse_args() -> Result<(Args, bool), String> {
             "--threads" => a.threads = n as usize,
             _ => return Err(format!("unknown option {k}\n{USAGE}")),
         }
+    }
+    if a.serial && a.floor {
+        return Err(format!(
+            "--floor forwards netconsoles only: drop --serial\n{USAGE}"
+        ));
     }
     Ok((a, serve))
 }
@@ -185,9 +216,11 @@ fn serve_main(args: &Args) {
     };
     rt.block_on(async {
         let logs = std::env::temp_dir().join(format!("salad-bench-{}", std::process::id()));
-        let salad = Salad::start(SaladConfig::local(Some(logs.clone())))
-            .await
-            .unwrap();
+        let mut config = SaladConfig::local(Some(logs.clone()));
+        if let Some(dir) = &args.serial_dir {
+            config.serial_globs = vec![format!("{dir}/{PTY_LINK_PREFIX}*")];
+        }
+        let salad = Salad::start(config).await.unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!(
             "READY {} {}",
@@ -310,12 +343,19 @@ fn own_cpu() -> f64 {
 }
 
 fn bench_main(args: Args) {
+    let ptys = args.serial.then(|| pty::Ptys::open(args.consoles));
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
         .arg("--serve")
         .args(args.realtime.then_some("--realtime"))
         .args(args.multi_thread.then_some("--multi-thread"))
         .args(args.floor.then_some("--floor"))
+        .args(
+            ptys.as_ref()
+                .map(|p| ["--serial-dir".to_string(), p.dir.display().to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .args(["--batch-ms".to_string(), args.batch_ms.to_string()])
         .args(["--threads".to_string(), args.threads.to_string()])
         .stdin(Stdio::piped())
@@ -338,13 +378,20 @@ fn bench_main(args: Args) {
         .enable_all()
         .build()
         .unwrap();
-    let result = rt.block_on(run(&args, netconsole, &http, pid));
+    let result = rt.block_on(run(&args, netconsole, ptys.as_ref(), &http, pid));
     drop(child.stdin.take());
     let _ = child.wait();
+    drop(ptys);
     println!("{result}");
 }
 
-async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32) -> String {
+async fn run(
+    args: &Args,
+    netconsole: std::net::SocketAddr,
+    ptys: Option<&pty::Ptys>,
+    http: &str,
+    pid: u32,
+) -> String {
     let n = args.consoles;
     let chunk = (args.baud / 10 * args.chunk_ms / 1000).max(24) as usize;
     let epoch = Instant::now();
@@ -354,20 +401,36 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
     let recording = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
     for i in 0..n {
-        let mut c = TcpStream::connect(netconsole).await.unwrap();
-        c.set_nodelay(true).unwrap();
+        let mut c = match ptys {
+            Some(p) => Console::Pty(p.master(i)),
+            None => {
+                let c = TcpStream::connect(netconsole).await.unwrap();
+                c.set_nodelay(true).unwrap();
+                Console::Tcp(c)
+            }
+        };
         c.write_all(format!("SALAD.machine_id=bench-{i}\n").as_bytes())
-            .await
-            .unwrap();
-        let m: serde_json::Value = http_client
-            .get(format!("{http}/api/v1/machine/bench-{i}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let port = m["tcp_port"].as_u64().unwrap() as u16;
+            .await;
+        consoles.push(c);
+    }
+    for i in 0..n {
+        // The multiplexer finds a serial port at its next scan and reads
+        // the id line after: wait for the machine (bounded).
+        let mut attempts = 0;
+        let port = loop {
+            let r = http_client
+                .get(format!("{http}/api/v1/machine/bench-{i}"))
+                .send()
+                .await
+                .unwrap();
+            if r.status().is_success() {
+                let m: serde_json::Value = r.json().await.unwrap();
+                break m["tcp_port"].as_u64().unwrap() as u16;
+            }
+            attempts += 1;
+            assert!(attempts < 300, "machine bench-{i} never appeared");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         client.set_nodelay(true).unwrap();
         let lat = latencies.clone();
@@ -405,7 +468,6 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
                 local.clear();
             }
         });
-        consoles.push(c);
     }
     // Wait until every client is registered.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -447,8 +509,7 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
             let ts = epoch.elapsed().as_micros() as u64;
             line[0] = b'T';
             line[1..17].copy_from_slice(format!("{ts:016x}").as_bytes());
-            let c = &mut consoles[i];
-            c.write_all(&line).await.unwrap();
+            consoles[i].write_all(&line).await;
             sent_bytes += line.len() as u64;
             sent_chunks += 1;
             i += ticks_per_period as usize;
@@ -507,7 +568,12 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
         _ => "not accounted by this kernel".into(),
     };
     let mode = format!(
-        "{}{}",
+        "{}{}{}",
+        if args.serial {
+            ", serial ports (ptys)"
+        } else {
+            ", netconsoles"
+        },
         if args.realtime { ", SCHED_FIFO" } else { "" },
         if args.floor {
             format!(
@@ -557,6 +623,131 @@ async fn run(args: &Args, netconsole: std::net::SocketAddr, http: &str, pid: u32
         100.0 * others,
         ncpu,
     )
+}
+
+/// A simulated console, as the load generator sees it.
+enum Console {
+    Tcp(TcpStream),
+    Pty(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>),
+}
+
+impl Console {
+    async fn write_all(&mut self, mut buf: &[u8]) {
+        match self {
+            Console::Tcp(c) => c.write_all(buf).await.unwrap(),
+            Console::Pty(fd) => {
+                while !buf.is_empty() {
+                    let mut ready = fd.writable().await.unwrap();
+                    if let Ok(r) = ready.try_io(|fd| {
+                        use std::os::fd::AsRawFd;
+                        // SAFETY: write from a valid buffer to an open
+                        // descriptor.
+                        let k =
+                            unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+                        if k < 0 {
+                            Err(std::io::Error::last_os_error())
+                        } else {
+                            Ok(k as usize)
+                        }
+                    }) {
+                        buf = &buf[r.expect("writing to a pty master")..];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Prefix of the pty links the multiplexer's serial glob matches.
+const PTY_LINK_PREFIX: &str = "ttyBENCH";
+
+/// The pseudo-terminal pairs of `--serial`.
+mod pty {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::path::PathBuf;
+
+    pub struct Ptys {
+        /// Directory of the links `ttyBENCH<i>` → `/dev/pts/<n>`.
+        pub dir: PathBuf,
+        /// (master, slave) of each console. The slave stays open here too,
+        /// so the pair lives until the bench ends whatever the multiplexer
+        /// does with its side.
+        pairs: Vec<(OwnedFd, OwnedFd)>,
+    }
+
+    impl Ptys {
+        /// `n` pairs in raw mode (no echo, no line editing: a serial line),
+        /// masters non-blocking.
+        pub fn open(n: usize) -> Ptys {
+            let dir = std::env::temp_dir().join(format!("salad-bench-ptys-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut pairs = Vec::with_capacity(n);
+            for i in 0..n {
+                let (mut master, mut slave) = (-1, -1);
+                let mut name = [0 as libc::c_char; 128];
+                // SAFETY: openpty fills the two descriptors and the name
+                // buffer (128 bytes is more than a /dev/pts path needs);
+                // no termios or window size given.
+                let r = unsafe {
+                    libc::openpty(
+                        &mut master,
+                        &mut slave,
+                        name.as_mut_ptr(),
+                        std::ptr::null(),
+                        std::ptr::null(),
+                    )
+                };
+                assert_eq!(
+                    r,
+                    0,
+                    "openpty (console {i}): {}",
+                    std::io::Error::last_os_error()
+                );
+                // SAFETY: both descriptors were just opened and are owned
+                // by nobody else.
+                let (master, slave) =
+                    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+                // SAFETY: termios calls on an open tty with a struct they
+                // fill; fcntl on an open descriptor.
+                unsafe {
+                    let mut t: libc::termios = std::mem::zeroed();
+                    assert_eq!(libc::tcgetattr(slave.as_raw_fd(), &mut t), 0);
+                    libc::cfmakeraw(&mut t);
+                    assert_eq!(libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t), 0);
+                    let fl = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
+                    libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+                }
+                // SAFETY: openpty wrote a NUL-terminated name.
+                let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned();
+                std::os::unix::fs::symlink(
+                    &path,
+                    dir.join(format!("{}{i}", super::PTY_LINK_PREFIX)),
+                )
+                .unwrap();
+                pairs.push((master, slave));
+            }
+            Ptys { dir, pairs }
+        }
+
+        /// The master side of console `i`, for the load generator (a
+        /// duplicate descriptor, registered with the current runtime).
+        pub fn master(&self, i: usize) -> tokio::io::unix::AsyncFd<OwnedFd> {
+            let fd = self.pairs[i].0.try_clone().unwrap();
+            // SAFETY: the AsyncFd owns the descriptor: it stays open and the
+            // same until the AsyncFd is dropped.
+            unsafe { tokio::io::unix::AsyncFd::register(fd) }
+                .map_err(|e| e.into_parts().1)
+                .unwrap()
+        }
+    }
+
+    impl Drop for Ptys {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// The floor: a bare forwarder under the same load (see the module docs).
