@@ -11,7 +11,8 @@
 //! when other processes compete for the machine's cores.
 //! Environment: `BENCH_SECONDS` (per endpoint, default 5), `BENCH_LOG`
 //! (the executor's `RUST_LOG`, default `info`; `info,vivian::http=debug`
-//! logs every request).
+//! logs every request), `BENCH_EXECUTOR` (the binary to measure, default
+//! the one cargo built with the bench).
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -255,7 +256,12 @@ fn main() {
         .build()
         .unwrap();
     let started = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_executor"))
+    // `BENCH_EXECUTOR=<path>` measures another build or copy of the binary
+    // (an installed one, say) with the same load.
+    let exe = std::env::var_os("BENCH_EXECUTOR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_executor").into());
+    let child = Command::new(&exe)
         .env_clear()
         .env("FARM_NAME", "bench")
         .env("MARS_DB_FILE", &db)
