@@ -494,8 +494,7 @@ async fn serial_loop(inner: Arc<Inner>) {
             if opened.contains_key(p) || broken.contains(p) {
                 continue;
             }
-            let builder = tokio_serial::new(p.to_string_lossy(), inner.config.baud_rate);
-            match tokio_serial::SerialStream::open(&builder) {
+            match crate::tty::Tty::open(p, inner.config.baud_rate) {
                 Ok(stream) => {
                     let n = attempts.remove(p).unwrap_or(0);
                     let cid = serial_console_id(&inner.config.sysfs_root, p, canon);
