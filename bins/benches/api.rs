@@ -63,7 +63,20 @@ struct Server {
 }
 
 impl Drop for Server {
+    /// SIGTERM first, as an operator stops the executor (it shuts down
+    /// gracefully, and an instrumented build of `scripts/pgo-build` writes
+    /// its profile on the way out); SIGKILL after 10 s.
     fn drop(&mut self) {
+        // SAFETY: kill sends a signal to our own child, which has not been
+        // reaped yet (so the pid is still its).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        for _ in 0..200 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("the executor did not stop within 10 s of SIGTERM: killing it");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
