@@ -6,10 +6,11 @@
 //! here. What this adds over `tokio_serial::SerialStream`: a read that
 //! returns less than the buffer's room drained the port, so the readiness is
 //! cleared right away (tokio's sockets do the same) instead of being found
-//! out by one more `read` that fails with `EAGAIN`. At 115200 baud a console
-//! wakes the multiplexer for a few hundred bytes at a time, and that second
-//! `read` was a tenth of the multiplexer's CPU time per console chunk
-//! (`salad-bench --serial`).
+//! out by one more `read` that fails with `EAGAIN`. A console at 115200 baud
+//! wakes the multiplexer for a few hundred bytes at a time, so that was one
+//! wasted system call per wake-up: `salad-bench --serial` (500 consoles,
+//! 100 ms chunks) went from 2.0 to 1.0 `read` per chunk and from 41.8-43.4
+//! to 40.6-41.0 µs of CPU per chunk.
 //!
 //! Clearing is race-free: [`tokio::io::unix::AsyncFdReadyGuard::clear_ready`]
 //! keeps the readiness when the port signalled new data after the guard was
