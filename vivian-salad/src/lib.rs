@@ -53,7 +53,7 @@ mod machine;
 mod reset;
 pub mod runtime;
 mod salad;
-mod tty;
+pub mod tty;
 
 pub use client::{InProcessConsoles, SaladClient, DEFAULT_SALAD_URL};
 pub use config::{ConfigError, SaladConfig};

@@ -18,12 +18,72 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A pseudo-terminal pair in raw mode (no echo, no line editing, bytes
+/// unchanged: a serial line), as tests and benchmarks simulate a serial
+/// port with: the program under test opens `slave_path` as it would
+/// `/dev/ttyUSB0`, the simulated device writes and reads `master`.
+pub struct PtyPair {
+    /// The device's side.
+    pub master: OwnedFd,
+    /// The port's side, open here too: the pair lives while either side is
+    /// open.
+    pub slave: OwnedFd,
+    /// `/dev/pts/<n>`.
+    pub slave_path: PathBuf,
+}
+
+/// Open a [`PtyPair`].
+pub fn pty_pair() -> io::Result<PtyPair> {
+    let (mut master, mut slave) = (-1, -1);
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: openpty fills the two descriptors and the name buffer (128
+    // bytes is more than a /dev/pts path needs); no termios or window size
+    // is given.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            name.as_mut_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened and are owned by nobody
+    // else; openpty wrote a NUL-terminated name.
+    let (master, slave, name) = unsafe {
+        (
+            OwnedFd::from_raw_fd(master),
+            OwnedFd::from_raw_fd(slave),
+            std::ffi::CStr::from_ptr(name.as_ptr()),
+        )
+    };
+    // SAFETY: termios calls on an open tty with a struct they fill.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(slave.as_raw_fd(), &mut t) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::cfmakeraw(&mut t);
+        if libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(PtyPair {
+        master,
+        slave,
+        slave_path: PathBuf::from(name.to_string_lossy().into_owned()),
+    })
+}
 
 /// An open serial port.
 pub(crate) struct Tty {
@@ -130,28 +190,11 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A pty pair: (master, path of the slave).
-    fn pty() -> (std::fs::File, std::path::PathBuf) {
-        let (mut master, mut slave) = (-1, -1);
-        let mut name = [0 as libc::c_char; 128];
-        // SAFETY: openpty fills the descriptors and the name buffer.
-        let r = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                name.as_mut_ptr(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(r, 0, "openpty: {}", io::Error::last_os_error());
-        // SAFETY: the descriptors were just opened; the slave is closed here
-        // (the Tty opens it again by name), the master is owned by the File.
-        unsafe { libc::close(slave) };
-        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
-        (unsafe { std::fs::File::from_raw_fd(master) }, path.into())
+    /// A pty pair: (master, path of the slave); the slave is closed here,
+    /// the Tty opens it again by name.
+    fn pty() -> (std::fs::File, PathBuf) {
+        let p = pty_pair().unwrap();
+        (std::fs::File::from(p.master), p.slave_path)
     }
 
     /// Bytes go both ways unchanged (raw mode: no echo, no CR/LF

@@ -663,7 +663,7 @@ const PTY_LINK_PREFIX: &str = "ttyBENCH";
 
 /// The pseudo-terminal pairs of `--serial`.
 mod pty {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, OwnedFd};
     use std::path::PathBuf;
 
     pub struct Ptys {
@@ -683,46 +683,19 @@ mod pty {
             std::fs::create_dir_all(&dir).unwrap();
             let mut pairs = Vec::with_capacity(n);
             for i in 0..n {
-                let (mut master, mut slave) = (-1, -1);
-                let mut name = [0 as libc::c_char; 128];
-                // SAFETY: openpty fills the two descriptors and the name
-                // buffer (128 bytes is more than a /dev/pts path needs);
-                // no termios or window size given.
-                let r = unsafe {
-                    libc::openpty(
-                        &mut master,
-                        &mut slave,
-                        name.as_mut_ptr(),
-                        std::ptr::null(),
-                        std::ptr::null(),
-                    )
-                };
-                assert_eq!(
-                    r,
-                    0,
-                    "openpty (console {i}): {}",
-                    std::io::Error::last_os_error()
-                );
-                // SAFETY: both descriptors were just opened and are owned
-                // by nobody else.
-                let (master, slave) =
-                    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-                // SAFETY: termios calls on an open tty with a struct they
-                // fill; fcntl on an open descriptor.
+                let vivian_salad::tty::PtyPair {
+                    master,
+                    slave,
+                    slave_path,
+                } = vivian_salad::tty::pty_pair()
+                    .unwrap_or_else(|e| panic!("openpty (console {i}): {e}"));
+                // SAFETY: fcntl on an open descriptor.
                 unsafe {
-                    let mut t: libc::termios = std::mem::zeroed();
-                    assert_eq!(libc::tcgetattr(slave.as_raw_fd(), &mut t), 0);
-                    libc::cfmakeraw(&mut t);
-                    assert_eq!(libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t), 0);
                     let fl = libc::fcntl(master.as_raw_fd(), libc::F_GETFL);
                     libc::fcntl(master.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
                 }
-                // SAFETY: openpty wrote a NUL-terminated name.
-                let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
-                    .to_string_lossy()
-                    .into_owned();
                 std::os::unix::fs::symlink(
-                    &path,
+                    &slave_path,
                     dir.join(format!("{}{i}", super::PTY_LINK_PREFIX)),
                 )
                 .unwrap();
