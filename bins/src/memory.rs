@@ -38,13 +38,10 @@ pub fn environment_tunes_malloc(vars: impl IntoIterator<Item = (String, String)>
 
 /// Apply the settings above (glibc only; elsewhere nothing). Returns
 /// whether they were applied. Call it first thing in `main`, before other
-/// threads start.
+/// threads start. It logs nothing: it runs before logging is set up (the executor logs the
+/// outcome once it is).
 pub fn tune_allocator() -> bool {
-    if environment_tunes_malloc(std::env::vars()) {
-        tracing::debug!("malloc is tuned by the environment: leaving it alone");
-        return false;
-    }
-    apply()
+    !environment_tunes_malloc(std::env::vars()) && apply()
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

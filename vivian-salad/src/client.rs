@@ -96,12 +96,13 @@ impl SaladClient {
     /// share one). Without system CA certificates an `http://` SALAD still
     /// works (a warning is logged); an `https://` one is refused.
     pub fn new(url: &str) -> Result<Self, ConsoleError> {
-        parse_salad_url(url)?;
+        // The URL first: a bad one costs no trust-store parsing.
+        let parsed = parse_salad_url(url)?;
         let (http, roots) = vivian_core::http_client::build_with("SALAD", || {
             vivian_core::http_client::builder().connect_timeout(CONNECT_TIMEOUT)
         })
         .map_err(|e| salad_url_error(url, e.to_string()))?;
-        Self::with_http_client(url, http, roots)
+        Self::from_parts(url, parsed, http, roots)
     }
 
     /// A client of the SALAD at `url` that sends its requests with `http`
@@ -115,7 +116,15 @@ impl SaladClient {
         http: reqwest::Client,
         roots: TlsRoots,
     ) -> Result<Self, ConsoleError> {
-        let (base, host, https) = parse_salad_url(url)?;
+        Self::from_parts(url, parse_salad_url(url)?, http, roots)
+    }
+
+    fn from_parts(
+        url: &str,
+        (base, host, https): (String, String, bool),
+        http: reqwest::Client,
+        roots: TlsRoots,
+    ) -> Result<Self, ConsoleError> {
         if https && roots == TlsRoots::Missing {
             return Err(salad_url_error(
                 url,
