@@ -342,12 +342,21 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     if let Some(a) = artifacts {
         state.set_artifacts(a);
     }
-    let res = serve(
-        crate::api::server_filter(state),
-        listeners,
-        shutdown_signal(),
-    )
-    .await;
+    // Freed heap pages go back to the system once requests stop for a
+    // moment (unless the operator tunes malloc through the environment).
+    let idle_trim = crate::memory::IdleTrim::new(crate::memory::QUIET_BEFORE_TRIM);
+    let trim_task =
+        (!crate::memory::environment_tunes_malloc(std::env::vars())).then(|| idle_trim.spawn());
+    let filter = crate::api::server_filter(state)
+        .with(warp::log::custom({
+            let idle_trim = idle_trim.clone();
+            move |_| idle_trim.activity()
+        }))
+        .map(warp::Reply::into_response);
+    let res = serve(filter, listeners, shutdown_signal()).await;
+    if let Some(t) = trim_task {
+        t.abort();
+    }
     logs_task.abort();
     boots.shutdown();
     gitlab.shutdown();
