@@ -17,11 +17,12 @@
 //! taken.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -41,47 +42,16 @@ pub struct PtyPair {
 
 /// Open a [`PtyPair`].
 pub fn pty_pair() -> io::Result<PtyPair> {
-    let (mut master, mut slave) = (-1, -1);
-    let mut name = [0 as libc::c_char; 128];
-    // SAFETY: openpty fills the two descriptors and the name buffer (128
-    // bytes is more than a /dev/pts path needs); no termios or window size
-    // is given.
-    let r = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            name.as_mut_ptr(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just opened and are owned by nobody
-    // else; openpty wrote a NUL-terminated name.
-    let (master, slave, name) = unsafe {
-        (
-            OwnedFd::from_raw_fd(master),
-            OwnedFd::from_raw_fd(slave),
-            std::ffi::CStr::from_ptr(name.as_ptr()),
-        )
-    };
-    // SAFETY: termios calls on an open tty with a struct they fill.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(slave.as_raw_fd(), &mut t) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        libc::cfmakeraw(&mut t);
-        if libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+    let pty = nix::pty::openpty(None, None)?;
+    let mut t = tcgetattr(&pty.slave)?;
+    cfmakeraw(&mut t);
+    tcsetattr(&pty.slave, SetArg::TCSANOW, &t)?;
+    let slave_path = nix::unistd::ttyname(&pty.slave)?;
     Ok(PtyPair {
-        master,
-        slave,
-        slave_path: PathBuf::from(name.to_string_lossy().into_owned()),
+        master: pty.master,
+        slave: pty.slave,
+        slave_path,
     })
 }
 
@@ -100,26 +70,12 @@ impl Tty {
         // SAFETY: into_raw_fd hands over the open descriptor; nothing else
         // owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(port.into_raw_fd()) };
-        // SAFETY: fcntl on an open descriptor.
-        unsafe {
-            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        let flags = OFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GETFL)?);
+        fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
         // SAFETY: the AsyncFd owns the descriptor, which stays open and the
         // same until the AsyncFd is dropped.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
         Ok(Tty { fd })
-    }
-}
-
-fn syscall_result(n: libc::ssize_t) -> io::Result<usize> {
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }
 
@@ -133,12 +89,7 @@ impl AsyncRead for Tty {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let room = buf.initialize_unfilled();
             let want = room.len();
-            // SAFETY: read into a valid, initialised buffer of `want` bytes.
-            let r = guard.try_io(|fd| {
-                syscall_result(unsafe {
-                    libc::read(fd.as_raw_fd(), room.as_mut_ptr().cast(), want)
-                })
-            });
+            let r = guard.try_io(|fd| Ok(nix::unistd::read(fd.get_ref(), room)?));
             match r {
                 Ok(Ok(n)) => {
                     if n > 0 && n < want {
@@ -162,12 +113,7 @@ impl AsyncWrite for Tty {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            // SAFETY: write from a valid buffer of `data.len()` bytes.
-            let r = guard.try_io(|fd| {
-                syscall_result(unsafe {
-                    libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len())
-                })
-            });
+            let r = guard.try_io(|fd| Ok(nix::unistd::write(fd.get_ref(), data)?));
             match r {
                 Ok(result) => return Poll::Ready(result),
                 Err(_would_block) => continue,
