@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -448,17 +448,24 @@ pub(crate) fn usb_port_of(dev: &Path) -> Option<PathBuf> {
     None
 }
 
-fn scan_serial(globs: &[String]) -> BTreeMap<PathBuf, PathBuf> {
+/// The character devices the serial globs match, each with the device
+/// number it names (symbolic links followed).
+///
+/// One `stat` per match and nothing else: a scan runs every
+/// [`SaladConfig::scan_interval`] over every port, so resolving each path's
+/// symbolic links here (a `readlink` per component) cost the multiplexer
+/// more than a tenth of its CPU at 500 ports under `salad-bench`. The
+/// canonical path is only needed for a port being opened
+/// ([`serial_console_id`]); the device number tells as well whether a path
+/// now names another device (a `by-path` link re-pointed after a replug).
+fn scan_serial(globs: &[String]) -> BTreeMap<PathBuf, u64> {
     let mut found = BTreeMap::new();
     for g in globs {
         let Ok(paths) = glob::glob(g) else { continue };
         for p in paths.flatten() {
-            let is_chr = std::fs::metadata(&p)
-                .map(|m| m.file_type().is_char_device())
-                .unwrap_or(false);
-            if is_chr {
-                if let Ok(c) = p.canonicalize() {
-                    found.insert(p, c);
+            if let Ok(m) = std::fs::metadata(&p) {
+                if m.file_type().is_char_device() {
+                    found.insert(p, m.rdev());
                 }
             }
         }
@@ -472,7 +479,7 @@ const SERIAL_OPEN_ATTEMPTS: u32 = 5;
 
 async fn serial_loop(inner: Arc<Inner>) {
     let mut shutdown = inner.shutdown_rx();
-    let mut opened: HashMap<PathBuf, (PathBuf, Arc<Console>)> = HashMap::new();
+    let mut opened: HashMap<PathBuf, (u64, Arc<Console>)> = HashMap::new();
     let mut attempts: HashMap<PathBuf, u32> = HashMap::new();
     let mut broken: HashSet<PathBuf> = HashSet::new();
     loop {
@@ -480,8 +487,8 @@ async fn serial_loop(inner: Arc<Inner>) {
         let found = tokio::task::spawn_blocking(move || scan_serial(&globs))
             .await
             .unwrap_or_default();
-        opened.retain(|p, (canon, c)| {
-            let keep = found.get(p) == Some(canon) && !c.is_closed();
+        opened.retain(|p, (rdev, c)| {
+            let keep = found.get(p) == Some(rdev) && !c.is_closed();
             if !keep {
                 tracing::info!(port = %p.display(), "the serial device got removed");
                 c.close();
@@ -490,14 +497,15 @@ async fn serial_loop(inner: Arc<Inner>) {
         });
         broken.retain(|p| found.contains_key(p));
         attempts.retain(|p, _| found.contains_key(p));
-        for (p, canon) in &found {
+        for (p, rdev) in &found {
             if opened.contains_key(p) || broken.contains(p) {
                 continue;
             }
             match crate::tty::Tty::open(p, inner.config.baud_rate) {
                 Ok(stream) => {
                     let n = attempts.remove(p).unwrap_or(0);
-                    let cid = serial_console_id(&inner.config.sysfs_root, p, canon);
+                    let canon = p.canonicalize().unwrap_or_else(|_| p.clone());
+                    let cid = serial_console_id(&inner.config.sysfs_root, p, &canon);
                     tracing::info!(port = %p.display(), console_id = %cid, "found a new serial device after {n} failed attempts");
                     let c = spawn_console(
                         &inner,
@@ -506,7 +514,7 @@ async fn serial_loop(inner: Arc<Inner>) {
                         ConsoleKind::Serial { path: p.clone() },
                         stream,
                     );
-                    opened.insert(p.clone(), (canon.clone(), c));
+                    opened.insert(p.clone(), (*rdev, c));
                 }
                 Err(e) => {
                     let n = attempts.entry(p.clone()).or_default();
@@ -532,10 +540,12 @@ async fn serial_loop(inner: Arc<Inner>) {
 /// buffer reaching 64 KiB is written at once). Reading a log through the
 /// multiplexer (the bytes a client missed) flushes that machine first; this
 /// period bounds how far behind the files are for whoever reads them
-/// directly (`tail -f`), and what a crash could lose. At 500 busy consoles
-/// it costs 2,000 `write`s per second; a 1 s period made no difference
-/// measurable with `salad-bench` (noise of a few % of a core).
-const LOG_FLUSH_PERIOD: Duration = Duration::from_millis(250);
+/// directly (`tail -f`), and what a crash could lose. A `write` to a log
+/// costs about the same whatever its size (ext4 marks the inode dirty for
+/// each), so the period sets the cost: at 500 busy consoles, 250 ms meant
+/// 2,000 `write`s per second, 7.5 % of the multiplexer's CPU under `perf`
+/// (`salad-bench --serial --chunk-ms 100`); one second makes that a quarter.
+const LOG_FLUSH_PERIOD: Duration = Duration::from_secs(1);
 
 impl Inner {
     /// Write every machine's buffered log bytes, on the blocking pool (file

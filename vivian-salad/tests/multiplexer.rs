@@ -320,6 +320,66 @@ async fn serial_ports_hot_plug_ping_and_binding_survives_replug() {
     t.salad.shutdown().await;
 }
 
+/// A matched path that comes to name another device (udev re-points a
+/// `by-path` link after a replug) is a new port: the multiplexer drops the
+/// console on the old device, though that device still works, and opens
+/// the new one.
+#[tokio::test]
+async fn a_link_repointed_at_another_device_is_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let by_path = dir.path().join("by-path");
+    std::fs::create_dir(&by_path).unwrap();
+    let t = TestSalad::start(Some(&by_path.join("*"))).await;
+    let a = PtyPair::start(dir.path(), 0);
+    let b = PtyPair::start(dir.path(), 1);
+    let link = by_path.join("port0");
+    let device = |p: &PtyPair| std::fs::canonicalize(&p.salad_end).unwrap();
+    std::os::unix::fs::symlink(device(&a), &link).unwrap();
+    let name = link.display().to_string();
+    t.wait_for("port found", |s| {
+        s.consoles().iter().any(|c| c.name == name)
+    })
+    .await;
+    let mut dut_a = a.open_dut();
+    dut_a.write_all(b"SALAD.ping\n").await.unwrap();
+    assert_eq!(
+        read_until(&mut dut_a, b"SALAD.pong\n").await,
+        b"SALAD.pong\n"
+    );
+
+    // Re-point the link atomically, as udev does.
+    let tmp = dir.path().join("port0.new");
+    std::os::unix::fs::symlink(device(&b), &tmp).unwrap();
+    std::fs::rename(&tmp, &link).unwrap();
+    let mut dut_b = b.open_dut();
+    let mut answered = false;
+    for _ in 0..50 {
+        dut_b.write_all(b"SALAD.ping\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), dut_b.read(&mut buf)).await
+        {
+            if buf[..n].windows(11).any(|w| w == b"SALAD.pong\n") {
+                answered = true;
+                break;
+            }
+        }
+    }
+    assert!(answered, "the device the link now names was never opened");
+    let same_name = t
+        .salad
+        .consoles()
+        .into_iter()
+        .filter(|c| c.name == name)
+        .count();
+    assert_eq!(
+        same_name, 1,
+        "the console on the old device was not dropped"
+    );
+    drop((dut_a, dut_b, a, b));
+    t.salad.shutdown().await;
+}
+
 /// 10 MB of every byte value through one serial console, byte-exact to a
 /// read-write and two read-only clients and to the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
