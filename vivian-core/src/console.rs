@@ -236,7 +236,7 @@ impl LineSplitter {
         while !data.is_empty() {
             let room = self.max_line - self.partial.len();
             let window = &data[..data.len().min(room)];
-            match window.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', window) {
                 Some(i) => {
                     let (line, rest) = data.split_at(i + 1);
                     if self.partial.is_empty() {
