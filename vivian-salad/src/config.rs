@@ -46,8 +46,11 @@ pub struct SaladConfig {
     /// are followed: tests point this at `socat` pty links in a directory.
     /// An empty list disables serial ports.
     pub serial_globs: Vec<String>,
-    /// How often the serial globs are re-scanned for hot-plugged or removed
-    /// ports (`SALAD_SERIAL_SCAN_MS`, default 500 ms).
+    /// How often the serial loop checks whether it must scan the globs
+    /// (`SALAD_SERIAL_SCAN_MS`, default 500 ms): a port to retry, a console
+    /// that closed on its own. Hot-plug itself is seen through inotify
+    /// watches on the globs' directories (and a scan every 10 s); without
+    /// inotify, the globs are scanned at this interval.
     pub scan_interval: Duration,
     /// Baud rate of serial ports (115200).
     pub baud_rate: u32,

@@ -4,9 +4,10 @@
 //! `valve-gfx-ci.salad` 0.0.2), and the executor's console sources.
 //!
 //! **Consoles** are serial ports (found by globs, `/dev/ttyUSB*` and
-//! `/dev/ttyACM*` by default, re-scanned for hot-plug every 500 ms, opened at
-//! 115200 baud), TCP connections to the netconsole port (8006), and streams
-//! handed over in-process ([`Salad::add_stream_console`]).
+//! `/dev/ttyACM*` by default, re-scanned when their directories change
+//! (inotify) and every 10 s, opened at 115200 baud), TCP connections to the
+//! netconsole port (8006), and streams handed over in-process
+//! ([`Salad::add_stream_console`]).
 //!
 //! **Binding.** Console input is split into lines
 //! ([`vivian_core::console::LineSplitter`]); a line containing
@@ -48,6 +49,7 @@
 mod client;
 pub mod config;
 mod console;
+mod hotplug;
 pub mod http;
 mod machine;
 mod reset;

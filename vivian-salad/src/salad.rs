@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -482,9 +482,24 @@ async fn serial_loop(inner: Arc<Inner>) {
     let mut opened: HashMap<PathBuf, (u64, Arc<Console>)> = HashMap::new();
     let mut attempts: HashMap<PathBuf, u32> = HashMap::new();
     let mut broken: HashSet<PathBuf> = HashSet::new();
+    let globs = inner.config.serial_globs.clone();
+    let mut watch = match crate::hotplug::DirWatch::new() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch for serial ports being plugged in ({e}): scanning every {:?}",
+                inner.config.scan_interval
+            );
+            None
+        }
+    };
     loop {
-        let globs = inner.config.serial_globs.clone();
-        let found = tokio::task::spawn_blocking(move || scan_serial(&globs))
+        // A directory watched for the first time may have gained ports
+        // before: scan it once more right after.
+        let mut rescan = watch.as_mut().is_some_and(|w| w.update(&globs));
+        let scanned = Instant::now();
+        let scan_globs = globs.clone();
+        let found = tokio::task::spawn_blocking(move || scan_serial(&scan_globs))
             .await
             .unwrap_or_default();
         opened.retain(|p, (rdev, c)| {
@@ -526,9 +541,32 @@ async fn serial_loop(inner: Arc<Inner>) {
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(inner.config.scan_interval) => {}
-            _ = shutdown.wait_for(|s| *s) => break,
+        // Until the next scan: a change in a watched directory, or every
+        // scan interval a look at what needs a scan anyway (a port to
+        // retry, a console that closed on its own, the periodic full scan,
+        // no watch at all). That look costs no system call.
+        while !rescan {
+            tokio::select! {
+                _ = tokio::time::sleep(inner.config.scan_interval) => {}
+                r = async { watch.as_mut().expect("checked").changed().await }, if watch.is_some() => {
+                    if let Err(e) = r {
+                        tracing::warn!(
+                            "watching for serial ports failed ({e}): scanning every {:?}",
+                            inner.config.scan_interval
+                        );
+                        watch = None;
+                    }
+                    break;
+                }
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+            rescan = watch.is_none()
+                || !attempts.is_empty()
+                || opened.values().any(|(_, c)| c.is_closed())
+                || scanned.elapsed() >= crate::hotplug::FULL_SCAN_PERIOD;
+        }
+        if *shutdown.borrow() {
+            break;
         }
     }
     for (_, (_, c)) in opened {

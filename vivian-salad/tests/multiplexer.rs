@@ -320,6 +320,53 @@ async fn serial_ports_hot_plug_ping_and_binding_survives_replug() {
     t.salad.shutdown().await;
 }
 
+/// Ports plugged in are found as their directory changes, not at the next
+/// periodic scan: with a one-minute scan interval, a port appears within
+/// seconds, also in a directory that did not exist when the multiplexer
+/// started (`/dev/serial/by-id` before the first USB adapter), and its
+/// removal is noticed as fast.
+#[tokio::test]
+async fn hot_plug_is_seen_through_directory_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let by_id = dir.path().join("serial/by-id");
+    let t = TestSalad::start_scanning(Some(&by_id.join("*")), Duration::from_secs(60)).await;
+    // Past the scan at start-up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let pty = PtyPair::start(dir.path(), 0);
+    std::fs::create_dir_all(&by_id).unwrap();
+    let link = by_id.join("usb-FTDI_0");
+    std::os::unix::fs::symlink(std::fs::canonicalize(&pty.salad_end).unwrap(), &link).unwrap();
+    let name = link.display().to_string();
+    t.wait_for("port found without a periodic scan", |s| {
+        s.consoles().iter().any(|c| c.name == name)
+    })
+    .await;
+    let mut dut = pty.open_dut();
+    dut.write_all(b"SALAD.ping\n").await.unwrap();
+    assert_eq!(read_until(&mut dut, b"SALAD.pong\n").await, b"SALAD.pong\n");
+
+    // A second port in the now watched directory.
+    let second = PtyPair::start(dir.path(), 1);
+    let link2 = by_id.join("usb-FTDI_1");
+    std::os::unix::fs::symlink(std::fs::canonicalize(&second.salad_end).unwrap(), &link2).unwrap();
+    let name2 = link2.display().to_string();
+    t.wait_for("second port found", |s| {
+        s.consoles().iter().any(|c| c.name == name2)
+    })
+    .await;
+
+    // Unplugged: the link goes, so does the console (the pty itself
+    // stays open here, so only the directory change can tell).
+    std::fs::remove_file(&link2).unwrap();
+    t.wait_for("second port removed", |s| {
+        !s.consoles().iter().any(|c| c.name == name2)
+    })
+    .await;
+    drop((dut, pty, second));
+    t.salad.shutdown().await;
+}
+
 /// A matched path that comes to name another device (udev re-points a
 /// `by-path` link after a replug) is a new port: the multiplexer drops the
 /// console on the old device, though that device still works, and opens

@@ -19,11 +19,16 @@ pub struct TestSalad {
 
 impl TestSalad {
     pub async fn start(serial_glob: Option<&Path>) -> Self {
+        Self::start_scanning(serial_glob, Duration::from_millis(100)).await
+    }
+
+    /// With the serial ports' scan interval (`SALAD_SERIAL_SCAN_MS`).
+    pub async fn start_scanning(serial_glob: Option<&Path>, scan_interval: Duration) -> Self {
         let logs = tempfile::tempdir().unwrap();
         let mut config = SaladConfig::local(Some(logs.path().to_path_buf()));
         if let Some(g) = serial_glob {
             config.serial_globs = vec![g.display().to_string()];
-            config.scan_interval = Duration::from_millis(100);
+            config.scan_interval = scan_interval;
         }
         let salad = Salad::start(config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
