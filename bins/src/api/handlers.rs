@@ -25,7 +25,10 @@ pub(crate) struct Inner {
     pub farm: Arc<Farm>,
     pub netboot: Arc<dyn Netboot>,
     pub cache: ViewCache,
-    pub openapi: Bytes,
+    /// The OpenAPI document, built at its first request: few clients ask
+    /// for it, and building it at start-up cost every executor the code
+    /// and heap of a 40 KiB JSON value.
+    pub openapi: OnceLock<Bytes>,
     /// MinIO URL given to the submission-time render of job templates.
     pub minio_url: String,
     /// The artifact cache, when `EXECUTOR_ARTIFACT_CACHE_ROOT` is set.
@@ -50,7 +53,7 @@ impl Inner {
             farm,
             netboot,
             cache: ViewCache::new(),
-            openapi: Bytes::from(super::openapi::document().to_string()),
+            openapi: OnceLock::new(),
             minio_url,
             artifacts: OnceLock::new(),
             runners: OnceLock::new(),
@@ -196,7 +199,12 @@ pub(crate) async fn dispatch(state: &ApiState, req: Request) -> Result<Response,
         }
         (Endpoint::Discover, "GET") => Ok(json_response(discovery_json(farm))),
         (Endpoint::Artifacts, _) => artifacts_listing(inner),
-        (Endpoint::OpenApi, _) => Ok(json_response(inner.openapi.clone())),
+        (Endpoint::OpenApi, _) => Ok(json_response(
+            inner
+                .openapi
+                .get_or_init(|| Bytes::from(super::openapi::document().to_string()))
+                .clone(),
+        )),
         (Endpoint::QuickCheck(id), "GET") => {
             let q = farm.quick_check_queued(&id)?;
             Ok(text_response(format!("{q}\n")))
