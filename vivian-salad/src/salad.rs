@@ -537,6 +537,8 @@ async fn serial_loop(inner: Arc<Inner>) {
                     if *n >= SERIAL_OPEN_ATTEMPTS {
                         tracing::error!(port = %p.display(), "could not open the serial port after {n} attempts, ignoring it until it disappears: {e}");
                         broken.insert(p.clone());
+                        // Not retried any more: no reason to poll for it.
+                        attempts.remove(p);
                     }
                 }
             }
