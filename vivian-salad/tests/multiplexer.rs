@@ -320,6 +320,14 @@ async fn serial_ports_hot_plug_ping_and_binding_survives_replug() {
     t.salad.shutdown().await;
 }
 
+/// A symbolic link at `link` to the device of `pty`'s multiplexer end, as
+/// udev makes them in `/dev/serial/by-id`; its path, which names the
+/// console.
+fn link_to(pty: &PtyPair, link: &std::path::Path) -> String {
+    std::os::unix::fs::symlink(std::fs::canonicalize(&pty.salad_end).unwrap(), link).unwrap();
+    link.display().to_string()
+}
+
 /// Ports plugged in are found as their directory changes, not at the next
 /// periodic scan: with a one-minute scan interval, a port appears within
 /// seconds, also in a directory that did not exist when the multiplexer
@@ -335,9 +343,7 @@ async fn hot_plug_is_seen_through_directory_changes() {
 
     let pty = PtyPair::start(dir.path(), 0);
     std::fs::create_dir_all(&by_id).unwrap();
-    let link = by_id.join("usb-FTDI_0");
-    std::os::unix::fs::symlink(std::fs::canonicalize(&pty.salad_end).unwrap(), &link).unwrap();
-    let name = link.display().to_string();
+    let name = link_to(&pty, &by_id.join("usb-FTDI_0"));
     t.wait_for("port found without a periodic scan", |s| {
         s.consoles().iter().any(|c| c.name == name)
     })
@@ -349,8 +355,7 @@ async fn hot_plug_is_seen_through_directory_changes() {
     // A second port in the now watched directory.
     let second = PtyPair::start(dir.path(), 1);
     let link2 = by_id.join("usb-FTDI_1");
-    std::os::unix::fs::symlink(std::fs::canonicalize(&second.salad_end).unwrap(), &link2).unwrap();
-    let name2 = link2.display().to_string();
+    let name2 = link_to(&second, &link2);
     t.wait_for("second port found", |s| {
         s.consoles().iter().any(|c| c.name == name2)
     })
@@ -380,9 +385,7 @@ async fn a_link_repointed_at_another_device_is_reopened() {
     let a = PtyPair::start(dir.path(), 0);
     let b = PtyPair::start(dir.path(), 1);
     let link = by_path.join("port0");
-    let device = |p: &PtyPair| std::fs::canonicalize(&p.salad_end).unwrap();
-    std::os::unix::fs::symlink(device(&a), &link).unwrap();
-    let name = link.display().to_string();
+    let name = link_to(&a, &link);
     t.wait_for("port found", |s| {
         s.consoles().iter().any(|c| c.name == name)
     })
@@ -396,7 +399,7 @@ async fn a_link_repointed_at_another_device_is_reopened() {
 
     // Re-point the link atomically, as udev does.
     let tmp = dir.path().join("port0.new");
-    std::os::unix::fs::symlink(device(&b), &tmp).unwrap();
+    link_to(&b, &tmp);
     std::fs::rename(&tmp, &link).unwrap();
     let mut dut_b = b.open_dut();
     let mut answered = false;
