@@ -56,15 +56,16 @@ pub(crate) fn watch_dir(glob: &str) -> Option<PathBuf> {
         }
         literal.push(c);
     }
-    if literal.as_os_str().is_empty() {
+    if glob.is_empty() {
         return None;
     }
     // A glob without a wildcard names one path: watch its directory.
     let mut dir = if wildcard {
         literal
     } else {
-        literal.parent()?.to_path_buf()
+        literal.parent().map(Path::to_path_buf).unwrap_or_default()
     };
+    // Relative to the working directory.
     if dir.as_os_str().is_empty() {
         dir = PathBuf::from(".");
     }
@@ -72,10 +73,12 @@ pub(crate) fn watch_dir(glob: &str) -> Option<PathBuf> {
         if dir.is_dir() {
             return Some(dir);
         }
-        dir = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())?
-            .to_path_buf();
+        dir = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            // The top of a relative path: the working directory, once.
+            Some(_) if dir != Path::new(".") => PathBuf::from("."),
+            _ => return None,
+        };
     }
 }
 
@@ -195,5 +198,9 @@ mod tests {
         // No wildcard: the directory of that one path.
         assert_eq!(watch_dir(&g("serial/ttyS0")), Some(d.join("serial")));
         assert_eq!(watch_dir(""), None);
+        // Relative globs: the working directory.
+        assert_eq!(watch_dir("ttyUSB*"), Some(PathBuf::from(".")));
+        assert_eq!(watch_dir("ttyS0"), Some(PathBuf::from(".")));
+        assert_eq!(watch_dir("no-such-dir/tty*"), Some(PathBuf::from(".")));
     }
 }
