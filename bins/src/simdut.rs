@@ -740,11 +740,12 @@ fn http_client(
     if let Some(c) = clients.get(&local_ip) {
         return Ok(c.clone());
     }
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .local_address(local_ip)
-        .pool_max_idle_per_host(0)
-        .build()?;
+    let (c, _) = vivian_core::http_client::build_with("simulated DUT", || {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .local_address(local_ip)
+            .pool_max_idle_per_host(0)
+    })?;
     clients.insert(local_ip, c.clone());
     Ok(c)
 }

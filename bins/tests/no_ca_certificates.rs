@@ -1,7 +1,8 @@
 //! An executor on a machine without CA certificates (no `ca-certificates`
 //! package, or an empty trust store) starts and serves its API: SALAD and
 //! the artifact downloads over plain http need no TLS roots. It used to
-//! panic at start-up building an HTTP client.
+//! panic at start-up building an HTTP client. `executorctl` on such a
+//! machine talks to the executor over http just as well.
 
 mod process_support;
 
@@ -49,6 +50,22 @@ async fn the_executor_starts_without_any_ca_certificate() {
         let out = std::fs::read_to_string(&log).unwrap_or_default();
         panic!("the executor did not serve its API without CA certificates:\n{out}");
     }
+    // executorctl on that machine: the executor's URL is plain http.
+    let ctl = Command::new(env!("CARGO_BIN_EXE_executorctl"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SSL_CERT_FILE", empty.join("none.pem"))
+        .env("SSL_CERT_DIR", &empty)
+        .args(["-e", &format!("http://127.0.0.1:{port}"), "duts"])
+        .output()
+        .expect("run executorctl");
+    let stdout = String::from_utf8_lossy(&ctl.stdout);
+    let stderr = String::from_utf8_lossy(&ctl.stderr);
+    assert!(
+        ctl.status.success() && stdout.contains("(no DUTs)"),
+        "executorctl duts without CA certificates: {}\n{stdout}\n{stderr}",
+        ctl.status
+    );
     drop(exe);
     let out = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(

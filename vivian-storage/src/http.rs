@@ -57,15 +57,18 @@ impl SignedClient {
         service: &str,
         local_address: Option<IpAddr>,
     ) -> Result<Self, StorageError> {
-        let mut b = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60));
-        if let Some(ip) = local_address {
-            b = b.local_address(ip);
-        }
-        let http = b
-            .build()
-            .map_err(|e| StorageError::Backend(format!("cannot create an HTTP client: {e}")))?;
+        // Without CA certificates on the machine, still a client for
+        // http:// (a MinIO next to the executor usually is).
+        let (http, _) = vivian_core::http_client::build_with("MinIO admin", || {
+            let b = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(60));
+            match local_address {
+                Some(ip) => b.local_address(ip),
+                None => b,
+            }
+        })
+        .map_err(|e| StorageError::Backend(format!("cannot create an HTTP client: {e}")))?;
         Ok(SignedClient {
             http,
             endpoint: endpoint.clone(),

@@ -184,12 +184,13 @@ pub async fn submit(opts: &RunOptions, mut prepared: Prepared) -> Result<Accepte
     };
     prepared.metadata.callback.port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let url = api_url(&opts.executor_url, "/api/v1/jobs");
-    let client = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(120))
-        .build()
-    {
-        Ok(c) => c,
+    // Without CA certificates on the machine, still a client for http://.
+    let client = match vivian_core::http_client::build_with("executorctl", || {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+    }) {
+        Ok((c, _)) => c,
         Err(e) => {
             eprintln!("ERROR: cannot create an HTTP client: {e}");
             return Err(JobStatus::SetupFail);
