@@ -101,10 +101,12 @@ impl HttpRelayDriver {
             .ok()
             .filter(|t| !t.is_zero())
             .ok_or_else(|| PduError::config("\"timeout\" must be a positive number of seconds"))?;
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| PduError::config(format!("HTTP client: {e}")))?;
+        // vivian_core::http_client: the client still works over http:// on
+        // a machine without CA certificates (and says so in the log).
+        let (client, _) = vivian_core::http_client::build_with("pdu-http-relay", || {
+            vivian_core::http_client::builder().timeout(timeout)
+        })
+        .map_err(|e| PduError::config(format!("HTTP client: {e}")))?;
         Ok(Self {
             base: c.url.trim_end_matches('/').to_string(),
             timeout,
