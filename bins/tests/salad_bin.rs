@@ -77,3 +77,32 @@ fn salad_binary_is_socket_activated_and_binds_netconsoles() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The command line: `--version` names the program and version, `--help`
+/// the variables, anything else is refused with exit status 2 and the usage
+/// (a mistyped option is not silently ignored).
+#[test]
+fn salad_command_line() {
+    let run = |arg: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_salad"))
+            .arg(arg)
+            .output()
+            .expect("run salad")
+    };
+    let v = run("--version");
+    assert!(v.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&v.stdout).trim(),
+        format!("salad (vivian) {}", env!("CARGO_PKG_VERSION"))
+    );
+    let h = run("--help");
+    assert!(h.status.success());
+    assert!(String::from_utf8_lossy(&h.stdout).contains("SALAD_SERIAL_GLOBS"));
+    let bad = run("--port=8005");
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("unexpected argument \"--port=8005\"") && err.contains("usage: salad"),
+        "{err}"
+    );
+}

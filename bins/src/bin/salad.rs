@@ -9,19 +9,33 @@
 //! - `SALAD_TCPCONSOLE_PORT` (8006), `SALAD_TCPCONSOLE_HOST` (0.0.0.0):
 //!   netconsole listener;
 //! - `SALAD_MACHINE_HOST` (0.0.0.0): address of the per-machine ports;
-//! - `SALAD_SERIAL_GLOBS` (`/dev/ttyUSB*,/dev/ttyACM*`),
-//!   `SALAD_SERIAL_SCAN_MS` (500): serial ports and hot-plug scan period;
+//! - `SALAD_SERIAL_GLOBS` (`/dev/ttyUSB*,/dev/ttyACM*`): serial ports,
+//!   seen as they are plugged in through inotify watches on their
+//!   directories; `SALAD_SERIAL_SCAN_MS` (500): retry period of a port that
+//!   failed to open (and the scan period where inotify is unavailable);
 //! - `SALAD_LOG_DIR` (`/var/log/salad`, empty to disable): console logs;
 //! - `SALAD_CONSOLE_USB_RESET_DISABLE`, `SALAD_CONSOLE_USB_RESET_POWER_OFF_TIME`;
 //! - `SALAD_BATCH_MS` (1, 0-20; 0 disables it) and `SALAD_THREADS` (1):
 //!   wake-up batching and threads of the runtime, see `vivian_salad::runtime`.
+//!
+//! Command line: `--help`, `--version`; any other argument is an error (the
+//! reference takes none).
 
 use anyhow::Context;
 use vivian_salad::{serve_http, Salad, SaladConfig};
 
+const USAGE: &str = "usage: salad [--help | --version]\n\nA SALAD-compatible serial console multiplexer, configured by environment variables (SALAD_PORT, SALAD_TCPCONSOLE_PORT, SALAD_TCPCONSOLE_HOST, SALAD_MACHINE_HOST, SALAD_SERIAL_GLOBS, SALAD_SERIAL_SCAN_MS, SALAD_LOG_DIR, SALAD_BATCH_MS, SALAD_THREADS, ...): see the vivian-salad crate documentation.";
+
 fn main() -> anyhow::Result<()> {
-    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
-        println!("usage: salad\n\nA SALAD-compatible serial console multiplexer, configured by environment variables (SALAD_PORT, SALAD_TCPCONSOLE_PORT, SALAD_SERIAL_GLOBS, SALAD_LOG_DIR, SALAD_BATCH_MS, SALAD_THREADS, ...): see the vivian-salad crate documentation.");
+    if let Some(arg) = std::env::args().nth(1) {
+        match arg.as_str() {
+            "--help" | "-h" => println!("{USAGE}"),
+            "--version" | "-V" => println!("salad (vivian) {}", env!("CARGO_PKG_VERSION")),
+            _ => {
+                eprintln!("salad: unexpected argument {arg:?}: salad is configured by environment variables\n\n{USAGE}");
+                std::process::exit(2);
+            }
+        }
         return Ok(());
     }
     let config = SaladConfig::from_env()?;
