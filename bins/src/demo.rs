@@ -217,8 +217,17 @@ impl DemoFarm {
             .context("the console multiplexer has no netconsole")?;
 
         // The API listener first: the DUTs need its URL.
-        let listener = std::net::TcpListener::bind(("127.0.0.1", opts.api_port))
-            .with_context(|| format!("cannot listen on 127.0.0.1:{}", opts.api_port))?;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", opts.api_port)).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                " (another program uses it: `executor demo --port 0` takes any free port)"
+            } else {
+                ""
+            };
+            anyhow::Error::new(e).context(format!(
+                "cannot listen on 127.0.0.1:{} for the REST API{hint}",
+                opts.api_port
+            ))
+        })?;
         let api_addr = listener.local_addr()?;
         let api_url = format!("http://{api_addr}");
 

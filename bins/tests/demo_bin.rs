@@ -43,3 +43,22 @@ fn executor_demo_refuses_zero_duts() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--duts"), "{stderr}");
 }
+
+/// The README's first command on a machine where its port is taken: a
+/// clear error that names the address and how to pick another port.
+#[test]
+fn executor_demo_on_a_busy_port_says_how_to_pick_another() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_executor"))
+        .args(["demo", "--once", "--duts", "1", "--port", &port])
+        .output()
+        .expect("executor runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && stderr.contains("--port 0"),
+        "{stderr}"
+    );
+}
