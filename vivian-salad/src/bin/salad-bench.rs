@@ -49,9 +49,10 @@
 //! multi-thread runtime instead (no batching), for comparison.
 //!
 //! `--floor` replaces the multiplexer with the least a forwarder can do: one
-//! thread, level-triggered `epoll`, one `recv` from the console and one
-//! `send` to its client per ready console, no line splitting, no log, no
-//! runtime, the same wake-up batching. Its CPU per chunk is the kernel's
+//! thread, level-triggered `epoll`, one `read` from the console (netconsole
+//! or, with `--serial`, pty) and one `send` to its client per ready
+//! console, no line splitting, no log, no runtime, the same wake-up
+//! batching. Its CPU per chunk is the kernel's
 //! price of the data path on this machine, the floor for the multiplexer's
 //! figure; it speaks just enough of the protocol (the `SALAD.machine_id`
 //! line, `GET /api/v1/machine/<id>`) for the same load generator.
@@ -146,11 +147,6 @@ fn parse_args() -> Result<(Args, bool), String> {
             _ => return Err(format!("unknown option {k}\n{USAGE}")),
         }
     }
-    if a.serial && a.floor {
-        return Err(format!(
-            "--floor forwards netconsoles only: drop --serial\n{USAGE}"
-        ));
-    }
     Ok((a, serve))
 }
 
@@ -172,7 +168,10 @@ fn main() {
         });
     }
     if serve && args.floor {
-        floor::serve(Duration::from_millis(args.batch_ms));
+        floor::serve(
+            Duration::from_millis(args.batch_ms),
+            args.serial_dir.as_deref(),
+        );
         return;
     }
     if serve {
@@ -726,9 +725,11 @@ mod pty {
 /// The floor: a bare forwarder under the same load (see the module docs).
 mod floor {
     use std::collections::HashMap;
+    use std::fs::File;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -736,7 +737,10 @@ mod floor {
     /// Machine id → its client port.
     type Ports = Arc<Mutex<HashMap<String, u16>>>;
 
-    pub fn serve(batch: Duration) {
+    /// Serve netconsoles, and with `serial_dir` the pty slaves linked
+    /// there (opened as a serial port is: `O_NOCTTY`, raw mode set by the
+    /// generator), each read with a plain `read`.
+    pub fn serve(batch: Duration, serial_dir: Option<&str>) {
         let netconsole = TcpListener::bind("127.0.0.1:0").unwrap();
         let http = TcpListener::bind("127.0.0.1:0").unwrap();
         println!(
@@ -745,8 +749,29 @@ mod floor {
             http.local_addr().unwrap()
         );
         let ports: Ports = Arc::default();
-        let (pairs_tx, pairs_rx) = mpsc::channel::<(TcpStream, TcpStream)>();
+        let (pairs_tx, pairs_rx) = mpsc::channel::<(File, TcpStream)>();
         std::thread::spawn(move || forward(pairs_rx, batch));
+        for entry in serial_dir
+            .map(|d| std::fs::read_dir(d).unwrap().flatten().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(super::PTY_LINK_PREFIX)
+            {
+                continue;
+            }
+            let tty = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOCTTY)
+                .open(entry.path())
+                .unwrap();
+            let ports = ports.clone();
+            let tx = pairs_tx.clone();
+            std::thread::spawn(move || bind_console(tty, &ports, &tx));
+        }
         let p = ports.clone();
         std::thread::spawn(move || {
             for c in http.incoming().flatten() {
@@ -758,6 +783,7 @@ mod floor {
             for console in netconsole.incoming().flatten() {
                 let ports = ports.clone();
                 let tx = pairs_tx.clone();
+                let console = File::from(OwnedFd::from(console));
                 std::thread::spawn(move || bind_console(console, &ports, &tx));
             }
         });
@@ -772,11 +798,7 @@ mod floor {
 
     /// Read the console's `SALAD.machine_id=<id>` line, open the machine's
     /// client port, hand the pair to the forwarder once the client came.
-    fn bind_console(
-        mut console: TcpStream,
-        ports: &Ports,
-        tx: &mpsc::Sender<(TcpStream, TcpStream)>,
-    ) {
+    fn bind_console(mut console: File, ports: &Ports, tx: &mpsc::Sender<(File, TcpStream)>) {
         let mut line = Vec::new();
         let mut b = [0u8; 1];
         while line.last() != Some(&b'\n') {
@@ -847,8 +869,9 @@ mod floor {
     }
 
     /// The data path: level-triggered epoll over the consoles; per ready
-    /// console one `recv` and one `send` to its client.
-    fn forward(pairs: mpsc::Receiver<(TcpStream, TcpStream)>, batch: Duration) {
+    /// console one `read` (a `recv` for a netconsole) and one `send` to its
+    /// client.
+    fn forward(pairs: mpsc::Receiver<(File, TcpStream)>, batch: Duration) {
         // SAFETY: plain epoll calls on descriptors owned by `all`, which
         // outlives every registration.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -857,7 +880,7 @@ mod floor {
             "epoll_create1: {}",
             std::io::Error::last_os_error()
         );
-        let mut all: Vec<(TcpStream, TcpStream)> = Vec::new();
+        let mut all: Vec<(File, TcpStream)> = Vec::new();
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
         let mut buf = vec![0u8; 8192];
         let mut last_wake = Instant::now();
