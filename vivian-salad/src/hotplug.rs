@@ -13,7 +13,7 @@
 //! read, write or attribute events in it, the kernel would check the
 //! watching parent on every `read` of a port in that directory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -86,7 +86,18 @@ pub(crate) fn watch_dir(glob: &str) -> Option<PathBuf> {
 pub(crate) struct DirWatch {
     fd: AsyncFd<Inotify>,
     watched: HashMap<PathBuf, WatchDescriptor>,
+    /// Directories a watch was refused for, already logged.
+    refused: HashSet<PathBuf>,
     buf: Vec<u8>,
+}
+
+/// Wait until a watched directory changes ([`DirWatch::changed`]); never,
+/// without a watch.
+pub(crate) async fn changed(watch: Option<&mut DirWatch>) -> io::Result<()> {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl DirWatch {
@@ -99,6 +110,7 @@ impl DirWatch {
         Ok(Self {
             fd,
             watched: HashMap::new(),
+            refused: HashSet::new(),
             buf: vec![0; 4096],
         })
     }
@@ -130,14 +142,20 @@ impl DirWatch {
             match self.fd.get_mut().watches().add(&d, mask()) {
                 Ok(wd) => {
                     tracing::debug!(dir = %d.display(), "watching for serial ports");
+                    self.refused.remove(&d);
                     self.watched.insert(d, wd);
                     added = true;
                 }
-                Err(e) => tracing::warn!(
-                    dir = %d.display(),
-                    "cannot watch for serial ports being plugged in ({e}): scanning every {}s",
-                    FULL_SCAN_PERIOD.as_secs()
-                ),
+                // Tried again at every scan, logged once.
+                Err(e) => {
+                    if self.refused.insert(d.clone()) {
+                        tracing::warn!(
+                            dir = %d.display(),
+                            "cannot watch for serial ports being plugged in ({e}): scanning every {}s",
+                            FULL_SCAN_PERIOD.as_secs()
+                        );
+                    }
+                }
             }
         }
         added

@@ -451,10 +451,10 @@ pub(crate) fn usb_port_of(dev: &Path) -> Option<PathBuf> {
 /// The character devices the serial globs match, each with the device
 /// number it names (symbolic links followed).
 ///
-/// One `stat` per match and nothing else: a scan runs every
-/// [`SaladConfig::scan_interval`] over every port, so resolving each path's
-/// symbolic links here (a `readlink` per component) cost the multiplexer
-/// more than a tenth of its CPU at 500 ports under `salad-bench`. The
+/// One `stat` per match and nothing else: resolving each path's symbolic
+/// links here (a `readlink` per component), when a scan ran every 500 ms,
+/// cost the multiplexer more than a tenth of its CPU at 500 ports under
+/// `salad-bench`. The
 /// canonical path is only needed for a port being opened
 /// ([`serial_console_id`]); the device number tells as well whether a path
 /// now names another device (a `by-path` link re-pointed after a replug).
@@ -550,7 +550,7 @@ async fn serial_loop(inner: Arc<Inner>) {
         while !rescan {
             tokio::select! {
                 _ = tokio::time::sleep(inner.config.scan_interval) => {}
-                r = async { watch.as_mut().expect("checked").changed().await }, if watch.is_some() => {
+                r = crate::hotplug::changed(watch.as_mut()) => {
                     if let Err(e) = r {
                         tracing::warn!(
                             "watching for serial ports failed ({e}): scanning every {:?}",
