@@ -60,13 +60,9 @@ impl SignedClient {
         // Without CA certificates on the machine, still a client for
         // http:// (a MinIO next to the executor usually is).
         let (http, _) = vivian_core::http_client::build_with("MinIO admin", || {
-            let b = reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .timeout(Duration::from_secs(60));
-            match local_address {
-                Some(ip) => b.local_address(ip),
-                None => b,
-            }
+            vivian_core::http_client::builder()
+                .timeout(Duration::from_secs(60))
+                .local_address(local_address)
         })
         .map_err(|e| StorageError::Backend(format!("cannot create an HTTP client: {e}")))?;
         Ok(SignedClient {

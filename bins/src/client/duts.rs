@@ -61,9 +61,7 @@ pub fn format_duts_table(reply: &Value) -> anyhow::Result<String> {
 async fn get(url: &str) -> anyhow::Result<(reqwest::StatusCode, Vec<u8>)> {
     // Without CA certificates on the machine, still a client for http://.
     let (client, _) = vivian_core::http_client::build_with("executorctl", || {
-        reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .timeout(std::time::Duration::from_secs(30))
+        vivian_core::http_client::builder().timeout(std::time::Duration::from_secs(30))
     })?;
     let resp = client.get(url).send().await.map_err(|e| {
         anyhow::anyhow!(
