@@ -121,17 +121,7 @@ fn demo(args: vivian::demo::DemoArgs) -> ExitCode {
 fn main() -> ExitCode {
     // Before any other thread exists (see the module's docs).
     let malloc_tuned = vivian::memory::tune_allocator();
-    // A farm runs the service without arguments: nothing to parse then.
-    // Building clap's command would touch some 0.7 MiB of code that stays
-    // mapped (resident) for the life of the process.
-    let cli = if std::env::args_os().len() > 1 {
-        Cli::parse()
-    } else {
-        Cli {
-            check_config: false,
-            command: None,
-        }
-    };
+    let cli = Cli::parse();
     if cli.check_config {
         return check_config();
     }
