@@ -23,6 +23,12 @@
 //! counts served HTTP requests as work), never while it is busy and never
 //! on a timer while it is idle. Measured the same way: the anonymous part
 //! of the RSS after a REST load 5.6 → 4.4 MiB.
+//!
+//! Most of the RSS is code, and most of that code runs once, at start-up:
+//! [`spawn_start_up_release`] unmaps the process's code pages once
+//! start-up is over ([`drop_file_pages`], the way the kernel frees
+//! its own init code after boot); what runs afterwards maps its pages
+//! back from the page cache.
 
 use futures::FutureExt as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +92,151 @@ pub fn trim() -> bool {
     {
         false
     }
+}
+
+/// How long after start-up [`spawn_start_up_release`] releases the pages
+/// only start-up needed: loading MarsDB, the PDUs' first poll and the first
+/// exchanges with GitLab and SALAD take well under this.
+pub const START_UP_RELEASE_DELAY: Duration = Duration::from_secs(2);
+
+/// What [`drop_file_pages`] unmapped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DroppedPages {
+    /// Mappings it applied to.
+    pub mappings: usize,
+    /// Bytes that were resident in them.
+    pub bytes: u64,
+}
+
+/// A file mapping whose resident pages can be dropped: its address range
+/// and resident bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Droppable {
+    start: usize,
+    end: usize,
+    rss: u64,
+}
+
+/// The mappings in `smaps` (the text of `/proc/self/smaps`) of a file that
+/// are private, not writable and hold no anonymous page: their pages are
+/// the file's bytes, unchanged. Mappings the dynamic loader relocated
+/// (RELRO: read-only now, written at start) hold anonymous pages and are
+/// left out, as is one a debugger wrote a breakpoint into; so are shared
+/// mappings, anonymous memory, stacks and the vDSO (no file).
+fn droppable_mappings(smaps: &str) -> Vec<Droppable> {
+    let mut out = Vec::new();
+    // The mapping being read, if it is a candidate: (range, Rss so far).
+    let mut cur: Option<(Droppable, bool)> = None;
+    let mut flush = |cur: &mut Option<(Droppable, bool)>| {
+        if let Some((m, clean)) = cur.take() {
+            if clean && m.rss > 0 {
+                out.push(m);
+            }
+        }
+    };
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        let Some(first) = f.next() else { continue };
+        if let Some((a, b)) = first.split_once('-') {
+            let (Ok(start), Ok(end)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            else {
+                continue;
+            };
+            flush(&mut cur);
+            let perms = f.next().unwrap_or("");
+            let _offset = f.next();
+            let _dev = f.next();
+            let inode = f.next().and_then(|i| i.parse::<u64>().ok());
+            let p = perms.as_bytes();
+            let candidate =
+                p.len() == 4 && p[1] != b'w' && p[3] == b'p' && inode.is_some_and(|i| i != 0);
+            if candidate {
+                cur = Some((Droppable { start, end, rss: 0 }, false));
+            }
+            continue;
+        }
+        let Some((m, clean)) = cur.as_mut() else {
+            continue;
+        };
+        let kib = || f.clone().next().and_then(|v| v.parse::<u64>().ok());
+        match first {
+            "Rss:" => m.rss = kib().unwrap_or(0) * 1024,
+            // Anonymous comes after Rss: only then is the mapping known clean.
+            "Anonymous:" => *clean = kib() == Some(0),
+            _ => {}
+        }
+    }
+    flush(&mut cur);
+    out
+}
+
+/// Unmaps the resident pages of the process's code and constants: its
+/// private, read-only file mappings that hold no modified page (the
+/// executable's and the shared libraries' code and read-only data;
+/// `madvise(MADV_DONTNEED)`). The pages stay in the page cache: the next
+/// use of one maps it again from there (a minor fault), as after the
+/// kernel reclaimed it. Writable data, relocated constants and anonymous
+/// memory are not touched.
+///
+/// Most of a process's code runs once: the executor's start-up (parsing
+/// the configuration and MarsDB, loading TLS roots, templates) touches
+/// ten MiB of it, each touch mapping the 64 KiB around it. Call this once
+/// that work is over: what runs afterwards maps its own pages back.
+pub fn drop_file_pages() -> std::io::Result<DroppedPages> {
+    #[cfg(target_os = "linux")]
+    {
+        let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+        let mut done = DroppedPages::default();
+        for m in droppable_mappings(&smaps) {
+            // SAFETY: [m.start, m.end) is a whole mapping of this process
+            // (from smaps, page aligned): a private file mapping, not
+            // writable, none of whose pages was modified.
+            // Dropping its pages changes no byte the process can read: the
+            // next access maps the same bytes of the file again.
+            let r = unsafe {
+                libc::madvise(
+                    m.start as *mut libc::c_void,
+                    m.end - m.start,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            done.mappings += 1;
+            done.bytes += m.rss;
+        }
+        Ok(done)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Ok(DroppedPages::default())
+    }
+}
+
+/// Starts a task that, [`START_UP_RELEASE_DELAY`] from now, hands back
+/// what only start-up needed: the code pages ([`drop_file_pages`])
+/// and, with `trim_heap`, the heap's free pages ([`trim`]; the garbage of
+/// parsing MarsDB, say). Logs what it released.
+pub fn spawn_start_up_release(trim_heap: bool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::time::sleep(START_UP_RELEASE_DELAY).await;
+        let released = tokio::task::spawn_blocking(move || {
+            if trim_heap {
+                trim();
+            }
+            drop_file_pages()
+        })
+        .await;
+        match released {
+            Ok(Ok(d)) => tracing::info!(
+                "start-up over: {:.1} MiB of code and constants unmapped (they stay in the page cache and map again on use)",
+                d.bytes as f64 / (1024.0 * 1024.0)
+            ),
+            Ok(Err(e)) => tracing::warn!("cannot unmap the start-up code pages: {e}"),
+            Err(e) => tracing::warn!("cannot unmap the start-up code pages: {e}"),
+        }
+    })
 }
 
 /// How long the process must be quiet before [`IdleTrim`] trims.
@@ -278,6 +429,129 @@ mod tests {
             "RssAnon {before} KiB before the trim, {after} KiB after: under 4 MiB released"
         );
         drop(pin);
+    }
+
+    /// Read-only private file mappings are chosen, not relocated constants
+    /// (RELRO, read-only but written at start), data, shared mappings,
+    /// anonymous memory or the vDSO.
+    #[test]
+    fn only_unmodified_read_only_file_mappings_are_dropped() {
+        let smaps = "\
+55d0a0000000-55d0a0400000 r--p 00000000 fe:00 4242                       /usr/bin/executor
+Size:               4096 kB
+Rss:                1280 kB
+Anonymous:             0 kB
+VmFlags: rd mr mw me sd
+55d0a0400000-55d0a1000000 r-xp 00400000 fe:00 4242                       /usr/bin/executor (deleted)
+Size:              12288 kB
+Rss:               11036 kB
+Anonymous:             0 kB
+55d0a1000000-55d0a109d000 r--p 01000000 fe:00 4242                       /usr/bin/executor
+Rss:                 628 kB
+Anonymous:           628 kB
+55d0a109d000-55d0a10a6000 rw-p 0109d000 fe:00 4242                       /usr/bin/executor
+Rss:                  36 kB
+Anonymous:            20 kB
+55d0a10a6000-55d0a10b0000 r-xp 00000000 fe:00 4242                       /usr/bin/executor
+Rss:                   0 kB
+Anonymous:             0 kB
+7f0000200000-7f0000300000 r-xp 00000000 fe:00 99                         /usr/lib/libc.so.6
+Rss:                 512 kB
+Anonymous:             0 kB
+7f0000300000-7f0000310000 rw-p 00100000 fe:00 99                         /usr/lib/libc.so.6
+Rss:                  64 kB
+Anonymous:            16 kB
+7f0000400000-7f0000500000 r-xs 00000000 fe:00 4242                       /usr/bin/executor
+Rss:                  64 kB
+Anonymous:             0 kB
+7f0000600000-7f0000700000 rw-p 00000000 00:00 0
+Rss:                 100 kB
+Anonymous:           100 kB
+7ffe00000000-7ffe00021000 rw-p 00000000 00:00 0                          [stack]
+Rss:                  60 kB
+Anonymous:            60 kB
+7ffe00100000-7ffe00102000 r-xp 00000000 00:00 0                          [vdso]
+Rss:                   8 kB
+Anonymous:             0 kB
+";
+        let got = droppable_mappings(smaps);
+        assert_eq!(
+            got,
+            vec![
+                Droppable {
+                    start: 0x55d0a0000000,
+                    end: 0x55d0a0400000,
+                    rss: 1280 * 1024
+                },
+                Droppable {
+                    start: 0x55d0a0400000,
+                    end: 0x55d0a1000000,
+                    rss: 11036 * 1024
+                },
+                Droppable {
+                    start: 0x7f0000200000,
+                    end: 0x7f0000300000,
+                    rss: 512 * 1024
+                },
+            ]
+        );
+        // A mapping whose Anonymous line is missing is not known clean.
+        let partial = "55d0a0000000-55d0a0400000 r--p 00000000 fe:00 4242 /x\nRss: 8 kB\n";
+        assert!(droppable_mappings(partial).is_empty());
+    }
+
+    /// [`drop_file_pages`] unmaps the resident code of the process, and it
+    /// goes on working: code, constants and
+    /// calls through vtables (relocated at start) behave as before. In a
+    /// fresh process ([`drop_probe`]): other tests would map pages back
+    /// meanwhile.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn dropping_the_code_pages_unmaps_them_and_the_process_goes_on() {
+        run_probe("drop_probe");
+    }
+
+    /// Resident KiB of this process's read-only file mappings.
+    #[cfg(target_os = "linux")]
+    fn code_rss_kib() -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        droppable_mappings(&smaps)
+            .iter()
+            .map(|m| m.rss / 1024)
+            .sum()
+    }
+
+    /// Run by [`dropping_the_code_pages_unmaps_them_and_the_process_goes_on`].
+    #[cfg(target_os = "linux")]
+    #[test]
+    #[ignore = "run in a fresh process by dropping_the_code_pages_unmaps_them_and_the_process_goes_on"]
+    fn drop_probe() {
+        if std::env::var_os(PROBE_VAR).is_none() {
+            return;
+        }
+        let json = |v: &serde_json::Value| serde_json::to_string(v).unwrap();
+        let value = serde_json::json!({"duts": {"52:54:00:00:00:01": {"pdu_port_id": 3}}});
+        let before_text = json(&value);
+        let before = code_rss_kib();
+        assert!(
+            before >= 1024,
+            "only {before} KiB of the test binary resident"
+        );
+        let dropped = drop_file_pages().expect("madvise");
+        assert!(dropped.mappings >= 1, "{dropped:?}");
+        assert!(dropped.bytes >= 1024 * 1024, "{dropped:?}");
+        let after = code_rss_kib();
+        assert!(
+            after * 2 <= before,
+            "{before} KiB resident before, {after} KiB after dropping"
+        );
+        // The same code and constants again, and dynamic dispatch.
+        assert_eq!(json(&value), before_text);
+        let shown: Box<dyn std::fmt::Display> = Box::new(dropped.mappings);
+        assert_eq!(format!("{shown}"), dropped.mappings.to_string());
+        let parsed: serde_json::Value = serde_json::from_str(&before_text).unwrap();
+        assert_eq!(parsed["duts"]["52:54:00:00:00:01"]["pdu_port_id"], 3);
+        eprintln!("executable resident: {before} KiB, {after} KiB after dropping {dropped:?}");
     }
 
     /// The trim runs once after a quiet period that follows work, never

@@ -345,8 +345,10 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     // Freed heap pages go back to the system once requests stop for a
     // moment (unless the operator tunes malloc through the environment).
     let idle_trim = crate::memory::IdleTrim::new(crate::memory::QUIET_BEFORE_TRIM);
-    let trim_task =
-        (!crate::memory::environment_tunes_malloc(std::env::vars())).then(|| idle_trim.spawn());
+    let malloc_ours = !crate::memory::environment_tunes_malloc(std::env::vars());
+    let trim_task = malloc_ours.then(|| idle_trim.spawn());
+    // Code that only start-up ran is unmapped once start-up is over.
+    let release_task = crate::memory::spawn_start_up_release(malloc_ours);
     let filter = crate::api::server_filter(state)
         .with(warp::log::custom({
             let idle_trim = idle_trim.clone();
@@ -357,6 +359,7 @@ pub async fn run_executor(config: vivian_core::config::Config) -> anyhow::Result
     if let Some(t) = trim_task {
         t.abort();
     }
+    release_task.abort();
     logs_task.abort();
     boots.shutdown();
     gitlab.shutdown();
