@@ -1,5 +1,5 @@
-//! The statically linked executor of `scripts/static-build`, the build a
-//! farm should install: it needs no shared library, serves its API, and
+//! The statically linked executor of `scripts/static-build`, the build for
+//! a machine with another glibc: it needs no shared library, serves its API, and
 //! still resolves host names (`localhost` from /etc/hosts) through the C
 //! library linked into it.
 //!
