@@ -118,18 +118,21 @@ struct Droppable {
 }
 
 /// The mappings in `smaps` (the text of `/proc/self/smaps`) of a file that
-/// are private, not writable and hold no anonymous page: their pages are
-/// the file's bytes, unchanged. Mappings the dynamic loader relocated
-/// (RELRO: read-only now, written at start) hold anonymous pages and are
-/// left out, as is one a debugger wrote a breakpoint into; so are shared
-/// mappings, anonymous memory, stacks and the vDSO (no file).
+/// are private, not writable and hold no anonymous page, resident or
+/// swapped out: their pages are the file's bytes, unchanged. Mappings the
+/// dynamic loader relocated (RELRO: read-only now, written at start) hold
+/// anonymous pages and are left out, as is one a debugger wrote a
+/// breakpoint into; so are shared mappings, anonymous memory, stacks and
+/// the vDSO (no file). A mapping is taken only when its `Anonymous` and
+/// `Swap` lines both say 0.
 fn droppable_mappings(smaps: &str) -> Vec<Droppable> {
     let mut out = Vec::new();
-    // The mapping being read, if it is a candidate: (range, Rss so far).
-    let mut cur: Option<(Droppable, bool)> = None;
-    let mut flush = |cur: &mut Option<(Droppable, bool)>| {
-        if let Some((m, clean)) = cur.take() {
-            if clean && m.rss > 0 {
+    // The mapping being read, if it is a candidate, with whether its
+    // Anonymous and Swap lines were seen at 0.
+    let mut cur: Option<(Droppable, [bool; 2])> = None;
+    let mut flush = |cur: &mut Option<(Droppable, [bool; 2])>| {
+        if let Some((m, [no_anon, no_swap])) = cur.take() {
+            if no_anon && no_swap && m.rss > 0 {
                 out.push(m);
             }
         }
@@ -151,18 +154,19 @@ fn droppable_mappings(smaps: &str) -> Vec<Droppable> {
             let candidate =
                 p.len() == 4 && p[1] != b'w' && p[3] == b'p' && inode.is_some_and(|i| i != 0);
             if candidate {
-                cur = Some((Droppable { start, end, rss: 0 }, false));
+                cur = Some((Droppable { start, end, rss: 0 }, [false; 2]));
             }
             continue;
         }
-        let Some((m, clean)) = cur.as_mut() else {
+        let Some((m, seen)) = cur.as_mut() else {
             continue;
         };
         let kib = || f.clone().next().and_then(|v| v.parse::<u64>().ok());
         match first {
             "Rss:" => m.rss = kib().unwrap_or(0) * 1024,
-            // Anonymous comes after Rss: only then is the mapping known clean.
-            "Anonymous:" => *clean = kib() == Some(0),
+            "Anonymous:" => seen[0] = kib() == Some(0),
+            // A modified page swapped out is no longer in Anonymous.
+            "Swap:" => seen[1] = kib() == Some(0),
             _ => {}
         }
     }
@@ -441,38 +445,53 @@ mod tests {
 Size:               4096 kB
 Rss:                1280 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 VmFlags: rd mr mw me sd
 55d0a0400000-55d0a1000000 r-xp 00400000 fe:00 4242                       /usr/bin/executor (deleted)
 Size:              12288 kB
 Rss:               11036 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 55d0a1000000-55d0a109d000 r--p 01000000 fe:00 4242                       /usr/bin/executor
-Rss:                 628 kB
-Anonymous:           628 kB
+Rss:                 600 kB
+Anonymous:           600 kB
+Swap:                 28 kB
+7f0000100000-7f0000110000 r--p 00000000 fe:00 77                         /usr/lib/libssl.so.3
+Rss:                  32 kB
+Anonymous:             0 kB
+Swap:                 32 kB
 55d0a109d000-55d0a10a6000 rw-p 0109d000 fe:00 4242                       /usr/bin/executor
 Rss:                  36 kB
 Anonymous:            20 kB
+Swap:                  0 kB
 55d0a10a6000-55d0a10b0000 r-xp 00000000 fe:00 4242                       /usr/bin/executor
 Rss:                   0 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 7f0000200000-7f0000300000 r-xp 00000000 fe:00 99                         /usr/lib/libc.so.6
 Rss:                 512 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 7f0000300000-7f0000310000 rw-p 00100000 fe:00 99                         /usr/lib/libc.so.6
 Rss:                  64 kB
 Anonymous:            16 kB
+Swap:                  0 kB
 7f0000400000-7f0000500000 r-xs 00000000 fe:00 4242                       /usr/bin/executor
 Rss:                  64 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 7f0000600000-7f0000700000 rw-p 00000000 00:00 0
 Rss:                 100 kB
 Anonymous:           100 kB
+Swap:                  0 kB
 7ffe00000000-7ffe00021000 rw-p 00000000 00:00 0                          [stack]
 Rss:                  60 kB
 Anonymous:            60 kB
+Swap:                  0 kB
 7ffe00100000-7ffe00102000 r-xp 00000000 00:00 0                          [vdso]
 Rss:                   8 kB
 Anonymous:             0 kB
+Swap:                  0 kB
 ";
         let got = droppable_mappings(smaps);
         assert_eq!(
@@ -495,16 +514,21 @@ Anonymous:             0 kB
                 },
             ]
         );
-        // A mapping whose Anonymous line is missing is not known clean.
-        let partial = "55d0a0000000-55d0a0400000 r--p 00000000 fe:00 4242 /x\nRss: 8 kB\n";
-        assert!(droppable_mappings(partial).is_empty());
+        // A mapping whose Anonymous or Swap line is missing is not known
+        // clean.
+        for partial in [
+            "55d0a0000000-55d0a0400000 r--p 00000000 fe:00 4242 /x\nRss: 8 kB\n",
+            "55d0a0000000-55d0a0400000 r--p 00000000 fe:00 4242 /x\nRss: 8 kB\nAnonymous: 0 kB\n",
+            "55d0a0000000-55d0a0400000 r--p 00000000 fe:00 4242 /x\nRss: 8 kB\nSwap: 0 kB\n",
+        ] {
+            assert!(droppable_mappings(partial).is_empty(), "{partial}");
+        }
     }
 
     /// [`drop_file_pages`] unmaps the resident code of the process, and it
-    /// goes on working: code, constants and
-    /// calls through vtables (relocated at start) behave as before. In a
-    /// fresh process ([`drop_probe`]): other tests would map pages back
-    /// meanwhile.
+    /// goes on working: code, constants and calls through vtables
+    /// (relocated at start) behave as before. In a fresh process
+    /// ([`drop_probe`]): other tests would map pages back meanwhile.
     #[cfg(target_os = "linux")]
     #[test]
     fn dropping_the_code_pages_unmaps_them_and_the_process_goes_on() {
