@@ -57,6 +57,10 @@ async fn serve(config: SaladConfig) -> anyhow::Result<()> {
     let mut listeners = listeners;
     let http_port = config.http_port;
     let salad = Salad::start(config).await?;
+    // Code that only start-up ran is unmapped once start-up is over.
+    let _release = vivian::memory::spawn_start_up_release(
+        !vivian::memory::environment_tunes_malloc(std::env::vars()),
+    );
     if listeners.is_empty() {
         let l = std::net::TcpListener::bind(("0.0.0.0", http_port)).with_context(|| {
             format!("cannot listen for the HTTP API on port {http_port} (SALAD_PORT)")
