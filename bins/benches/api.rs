@@ -5,7 +5,8 @@
 //! connections: requests per second and p50/p99 latency of
 //! `GET /api/v1/full-state`, `GET /api/v1/duts` and `GET /api/v1/dut/<id>`;
 //! plus the time from start to the first answer, the resident memory (once
-//! start-up is over, after the load and idle after it), the idle CPU use and the time until an edit of the MarsDB file is served.
+//! start-up is over, after the load and idle after it), the idle CPU use
+//! and the time until an edit of the MarsDB file is served.
 //! For each endpoint it also reports the executor's CPU time per request
 //! (user + system, from `/proc`): unlike the wall-clock figures, it holds
 //! when other processes compete for the machine's cores.

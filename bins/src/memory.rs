@@ -126,51 +126,59 @@ struct Droppable {
 /// the vDSO (no file). A mapping is taken only when its `Anonymous` and
 /// `Swap` lines both say 0.
 fn droppable_mappings(smaps: &str) -> Vec<Droppable> {
-    let mut out = Vec::new();
-    // The mapping being read, if it is a candidate, with whether its
-    // Anonymous and Swap lines were seen at 0.
-    let mut cur: Option<(Droppable, [bool; 2])> = None;
-    let mut flush = |cur: &mut Option<(Droppable, [bool; 2])>| {
-        if let Some((m, [no_anon, no_swap])) = cur.take() {
-            if no_anon && no_swap && m.rss > 0 {
-                out.push(m);
-            }
+    /// A candidate mapping, with its Anonymous and Swap figures once read.
+    struct Pending {
+        m: Droppable,
+        anon: Option<u64>,
+        swap: Option<u64>,
+    }
+    fn keep(p: Pending, out: &mut Vec<Droppable>) {
+        if p.anon == Some(0) && p.swap == Some(0) && p.m.rss > 0 {
+            out.push(p.m);
         }
-    };
+    }
+    let mut out = Vec::new();
+    let mut cur: Option<Pending> = None;
     for line in smaps.lines() {
         let mut f = line.split_whitespace();
         let Some(first) = f.next() else { continue };
-        if let Some((a, b)) = first.split_once('-') {
-            let (Ok(start), Ok(end)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-            else {
-                continue;
-            };
-            flush(&mut cur);
-            let perms = f.next().unwrap_or("");
-            let _offset = f.next();
-            let _dev = f.next();
-            let inode = f.next().and_then(|i| i.parse::<u64>().ok());
-            let p = perms.as_bytes();
-            let candidate =
-                p.len() == 4 && p[1] != b'w' && p[3] == b'p' && inode.is_some_and(|i| i != 0);
-            if candidate {
-                cur = Some((Droppable { start, end, rss: 0 }, [false; 2]));
+        let range = first.split_once('-').and_then(|(a, b)| {
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        });
+        if let Some((start, end)) = range {
+            // A new mapping: `start-end perms offset dev inode [path]`.
+            if let Some(p) = cur.take() {
+                keep(p, &mut out);
+            }
+            let perms = f.next().unwrap_or("").as_bytes();
+            let inode = f.nth(2).and_then(|i| i.parse::<u64>().ok());
+            let private_read_only = perms.len() == 4 && perms[1] != b'w' && perms[3] == b'p';
+            if private_read_only && inode.is_some_and(|i| i != 0) {
+                let m = Droppable { start, end, rss: 0 };
+                cur = Some(Pending {
+                    m,
+                    anon: None,
+                    swap: None,
+                });
             }
             continue;
         }
-        let Some((m, seen)) = cur.as_mut() else {
-            continue;
-        };
-        let kib = || f.clone().next().and_then(|v| v.parse::<u64>().ok());
+        let Some(p) = cur.as_mut() else { continue };
+        let kib = f.next().and_then(|v| v.parse::<u64>().ok());
         match first {
-            "Rss:" => m.rss = kib().unwrap_or(0) * 1024,
-            "Anonymous:" => seen[0] = kib() == Some(0),
+            "Rss:" => p.m.rss = kib.unwrap_or(0) * 1024,
+            "Anonymous:" => p.anon = kib,
             // A modified page swapped out is no longer in Anonymous.
-            "Swap:" => seen[1] = kib() == Some(0),
+            "Swap:" => p.swap = kib,
             _ => {}
         }
     }
-    flush(&mut cur);
+    if let Some(p) = cur {
+        keep(p, &mut out);
+    }
     out
 }
 
@@ -231,13 +239,13 @@ pub fn spawn_start_up_release(trim_heap: bool) -> tokio::task::JoinHandle<()> {
             }
             drop_file_pages()
         })
-        .await;
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match released {
-            Ok(Ok(d)) => tracing::info!(
+            Ok(d) => tracing::info!(
                 "start-up over: {:.1} MiB of code and constants unmapped (they stay in the page cache and map again on use)",
                 d.bytes as f64 / (1024.0 * 1024.0)
             ),
-            Ok(Err(e)) => tracing::warn!("cannot unmap the start-up code pages: {e}"),
             Err(e) => tracing::warn!("cannot unmap the start-up code pages: {e}"),
         }
     })
