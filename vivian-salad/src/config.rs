@@ -76,7 +76,7 @@ pub struct SaladConfig {
     /// Root of sysfs, `/sys` (tests use a fake tree).
     pub sysfs_root: PathBuf,
     /// Wake-up batching of the `salad` binary's runtime
-    /// (`SALAD_BATCH_MS`, 0-20, default 1; 0 disables it): see
+    /// (`SALAD_BATCH_MS`, 0-20, default 2; 0 disables it): see
     /// [`crate::runtime`]. The library itself runs on whatever runtime
     /// starts it and does not read this.
     pub batch: Duration,
@@ -264,7 +264,7 @@ mod tests {
         assert_eq!(c.baud_rate, 115200);
         assert_eq!(c.serial_globs, vec!["/dev/ttyUSB*", "/dev/ttyACM*"]);
         assert_eq!(c.usb_reset_power_off, Duration::from_secs(3));
-        assert_eq!(c.batch, Duration::from_millis(1));
+        assert_eq!(c.batch, Duration::from_millis(2));
         assert_eq!(c.threads, 1);
     }
 
@@ -286,6 +286,10 @@ mod tests {
         assert_eq!(
             cfg(&[("SALAD_BATCH_MS", "0")]).unwrap().batch,
             Duration::ZERO
+        );
+        assert_eq!(
+            cfg(&[("SALAD_BATCH_MS", "1")]).unwrap().batch,
+            Duration::from_millis(1)
         );
         assert_eq!(cfg(&[("SALAD_THREADS", "4")]).unwrap().threads, 4);
         for bad in ["0", "65", "two"] {

@@ -15,7 +15,7 @@
 //!   failed to open (and the scan period where inotify is unavailable);
 //! - `SALAD_LOG_DIR` (`/var/log/salad`, empty to disable): console logs;
 //! - `SALAD_CONSOLE_USB_RESET_DISABLE`, `SALAD_CONSOLE_USB_RESET_POWER_OFF_TIME`;
-//! - `SALAD_BATCH_MS` (1, 0-20; 0 disables it) and `SALAD_THREADS` (1):
+//! - `SALAD_BATCH_MS` (2, 0-20; 0 disables it) and `SALAD_THREADS` (1):
 //!   wake-up batching and threads of the runtime, see `vivian_salad::runtime`.
 //!
 //! Command line: `--help`, `--version`; any other argument is an error (the

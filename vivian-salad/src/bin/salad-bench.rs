@@ -44,7 +44,7 @@
 //!
 //! The multiplexer runs on the runtime of the `salad` binary
 //! ([`vivian_salad::runtime::build`]: one thread, wake-ups batched by
-//! `--batch-ms`, default 1 as `SALAD_BATCH_MS`; `--threads` as
+//! `--batch-ms`, default 2 as `SALAD_BATCH_MS`; `--threads` as
 //! `SALAD_THREADS`); `--multi-thread` runs it on tokio's default
 //! multi-thread runtime instead (no batching), for comparison.
 //!
@@ -58,7 +58,7 @@
 //! line, `GET /api/v1/machine/<id>`) for the same load generator.
 //!
 //! Usage: `cargo run --release -p vivian-salad --bin salad-bench -- [--consoles 500]
-//! [--seconds 10] [--chunk-ms 10] [--baud 115200] [--realtime] [--batch-ms 1] [--threads 1] [--multi-thread] [--floor]`
+//! [--seconds 10] [--chunk-ms 10] [--baud 115200] [--realtime] [--batch-ms 2] [--threads 1] [--multi-thread] [--floor]`
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
