@@ -712,7 +712,6 @@ impl Session {
                         }
                         Ok(n) => {
                             let data = &buf[..n];
-                            report.io(data);
                             if !console_data {
                                 console_data = true;
                                 if let Some(i) = &self.internal {
@@ -725,11 +724,15 @@ impl Session {
                                 timeouts.on_console_activity(now);
                             }
                             let mut end = None;
+                            // The client gets the console bytes up to the
+                            // end of each matched line, then the match's
+                            // message: a message never cuts a line in two
+                            // (the rest of the chunk follows it).
+                            let mut sent = 0;
                             for m in feed.matches {
-                                report.info(format!(
-                                    "Matched the following patterns: {}",
-                                    m.patterns.join(", ")
-                                ));
+                                report.io(&data[sent..m.end]);
+                                sent = m.end;
+                                report.info(m.control_text());
                                 for ev in m.events {
                                     match ev {
                                         ConsoleEvent::SessionEnd => end = Some(BootEnd::SessionEnd),
@@ -742,6 +745,9 @@ impl Session {
                                         _ => {}
                                     }
                                 }
+                            }
+                            if sent < data.len() {
+                                report.io(&data[sent..]);
                             }
                             if let Some(e) = end {
                                 break e;

@@ -29,6 +29,7 @@
 //! | command | effect |
 //! |---|---|
 //! | `print <text>` | prints `<text>` and a newline on the console |
+//! | `printf <text>` | prints `<text>` alone, in one write, with `\n`, `\r`, `\t` and `\\` turned into a newline, a carriage return, a tab and a backslash (no newline added: a line can end in a later command) |
 //! | `sleep <seconds>` | waits (fractions allowed) |
 //! | `post <url> [<body>]` | HTTP POST of a JSON body; prints `SIMDUT.http_status=<code>` |
 //! | `get <url>` | HTTP GET; prints `SIMDUT.http_status=<code>` |
@@ -405,6 +406,28 @@ pub fn build_script(kernel_body: &[u8], cmdline: &str) -> Vec<String> {
         .collect()
 }
 
+/// The bytes of a `printf` command's text: `\n`, `\r`, `\t` and `\\`
+/// unescaped, any other backslash kept as it is.
+pub fn unescape(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'\\') => out.push(b'\\'),
+            Some(other) => out.extend_from_slice(&[b'\\', other]),
+            None => out.push(b'\\'),
+        }
+    }
+    out
+}
+
 /// Builds the JSON body of a `post` command (see the module documentation).
 pub fn post_body(fields: &str) -> Result<String, String> {
     if fields.is_empty() || fields.starts_with('{') {
@@ -719,6 +742,11 @@ impl Console {
         let _ = self.writer.write_all(&bytes).await;
     }
 
+    /// Writes `bytes` as they are, in one write.
+    async fn write(&mut self, bytes: &[u8]) {
+        let _ = self.writer.write_all(bytes).await;
+    }
+
     /// Echoes pending input lines if asked to.
     async fn pump(&mut self) {
         while let Ok(line) = self.input.try_recv() {
@@ -868,6 +896,7 @@ async fn boot(mut config: SimDutConfig, http: HttpClients) {
         let arg = arg.trim();
         match cmd {
             "print" => console.print(arg).await,
+            "printf" => console.write(&unescape(arg)).await,
             "sleep" => match arg.parse::<f64>() {
                 Ok(s) if s.is_finite() && s >= 0.0 => {
                     tokio::time::sleep(Duration::from_secs_f64(s.min(86_400.0))).await
@@ -1004,6 +1033,13 @@ mod tests {
     use super::*;
 
     const SCRIPT: &str = "#!ipxe\n\nset semicolon:hex 3b\nset ampersand:hex 26\nset pipe:hex 7C\n\necho\n\necho Downloading the kernel\nkernel http://h/k  console=ttyS0 vivian.cmd=\"print a${semicolon:string}b\" x${ampersand:string}y${pipe:string}z\n\necho Downloading the initrd\ninitrd --name initrd http://h/i\n\necho Booting!\nboot\n";
+
+    #[test]
+    fn printf_text_is_unescaped() {
+        assert_eq!(unescape(r"a\r\nb\tc"), b"a\r\nb\tc");
+        assert_eq!(unescape(r"back\\slash \x \"), b"back\\slash \\x \\");
+        assert_eq!(unescape("half-"), b"half-");
+    }
 
     #[test]
     fn interprets_vivian_boot_scripts() {

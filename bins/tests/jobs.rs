@@ -229,7 +229,14 @@ async fn verdicts_pass_fail_warn_complete() {
             job(
                 &["sim:outlet0"],
                 PATTERNS,
-                &["print JOB_RESULT=PASS", "poweroff"],
+                // The verdict line and the start of the next one in one
+                // write, so in one console chunk.
+                &[
+                    "printf JOB_RESULT=PASS\\r\\nhalf-",
+                    "sleep 0.2",
+                    "print line",
+                    "poweroff",
+                ],
             ),
             JobStatus::Pass,
         ),
@@ -275,6 +282,18 @@ async fn verdicts_pass_fail_warn_complete() {
         let (status, out) = h.await.unwrap();
         assert_eq!(status, want, "job {name}:\n{out}");
         assert!(out.contains(&format!("Job status: {want}")), "{out}");
+        if name == "pass" {
+            // The match is reported after its line, before the rest of
+            // the chunk: it does not cut the next line in two.
+            let matched = out
+                .find("Matched the following patterns: job_success")
+                .expect("the match is reported");
+            let line = out.find("half-line").unwrap_or_else(|| panic!("{out}"));
+            assert!(
+                out.find("JOB_RESULT=PASS\r\n").is_some_and(|i| i < matched) && matched < line,
+                "{out}"
+            );
+        }
     }
 }
 

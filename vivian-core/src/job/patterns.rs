@@ -186,6 +186,12 @@ pub struct LineMatch {
     pub patterns: Vec<String>,
     /// What the runner must act upon.
     pub events: Vec<ConsoleEvent>,
+    /// How far into the chunk given to [`ConsoleMatcher::feed`] the line
+    /// ends (the index just past its last byte): a runner that forwards the
+    /// chunk to the job's client sends the bytes up to here, then the
+    /// match's control message, so the message never cuts a console line
+    /// in two. From [`ConsoleMatcher::process_line`]: the line's length.
+    pub end: usize,
 }
 
 impl LineMatch {
@@ -309,7 +315,8 @@ impl ConsoleMatcher {
                 }
             }
             let line = std::mem::take(&mut self.partial);
-            if let Some(m) = self.process_line(line) {
+            if let Some(mut m) = self.process_line(line) {
+                m.end = data.len() - rest.len();
                 out.matches.push(m);
             }
         }
@@ -384,6 +391,7 @@ impl ConsoleMatcher {
             }
         }
         Some(LineMatch {
+            end: line.len(),
             line,
             patterns,
             events,
@@ -469,6 +477,19 @@ mod tests {
         assert_eq!(f.matches.len(), 1, "{f:?}");
         assert_eq!(f.matches[0].line, b"MaRS: Registration failed\n");
         assert_eq!(m.status(), JobStatus::Fail);
+    }
+
+    #[test]
+    fn matches_say_where_their_line_ends_in_the_chunk() {
+        let mut m = ConsoleMatcher::new(patterns(), Vec::<String>::new());
+        assert!(m.feed(b"MaRS: Registration com").matches.is_empty());
+        // The line started in the previous chunk ends 6 bytes into this
+        // one; the next ends 21 bytes later; the partial line after it is
+        // not matched yet.
+        let f = m.feed(b"plete\nMaRS: Registration x\nMaRS: Regis");
+        let ends: Vec<usize> = f.matches.iter().map(|l| l.end).collect();
+        assert_eq!(ends, [6, 27], "{f:?}");
+        assert_eq!(f.matches[0].line, b"MaRS: Registration complete\n");
     }
 
     #[test]
