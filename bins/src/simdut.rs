@@ -739,7 +739,7 @@ impl Console {
         let mut bytes = Vec::with_capacity(line.len() + 2);
         bytes.extend_from_slice(line.as_bytes());
         bytes.extend_from_slice(b"\r\n");
-        let _ = self.writer.write_all(&bytes).await;
+        self.write(&bytes).await;
     }
 
     /// Writes `bytes` as they are, in one write.
