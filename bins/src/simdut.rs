@@ -29,7 +29,7 @@
 //! | command | effect |
 //! |---|---|
 //! | `print <text>` | prints `<text>` and a newline on the console |
-//! | `printf <text>` | prints `<text>` alone, in one write, with `\n`, `\r`, `\t` and `\\` turned into a newline, a carriage return, a tab and a backslash (no newline added: a line can end in a later command) |
+//! | `printf <text>` | prints `<text>` alone, in one write, with `\n`, `\r`, `\t` and `\\` turned into a newline, a carriage return, a tab and a backslash (no newline added: a line can end in a later command; as for every command, spaces at either end are dropped) |
 //! | `sleep <seconds>` | waits (fractions allowed) |
 //! | `post <url> [<body>]` | HTTP POST of a JSON body; prints `SIMDUT.http_status=<code>` |
 //! | `get <url>` | HTTP GET; prints `SIMDUT.http_status=<code>` |
