@@ -110,6 +110,29 @@ async fn states_follow_the_reference_rules() {
     );
 }
 
+/// Training progress is shown only next to TRAINING or QUICK_CHECK: a
+/// record not yet cleared when the DUT left them is not.
+#[tokio::test]
+async fn training_progress_shows_only_while_the_dut_trains_or_is_checked() {
+    let (farm, _) = farm().await;
+    let busy = TrainingInfo {
+        state: TrainingState::QuickCheck,
+        progress: None,
+    };
+    farm.set_training(&mac(MAC1), busy.clone());
+    farm.set_training(&mac(MAC2), busy.clone());
+    let v = farm.view();
+    assert_eq!(v.duts[&mac(MAC1)].state, DutState::QuickCheck);
+    assert_eq!(v.duts[&mac(MAC1)].training, busy);
+    assert_eq!(v.duts[&mac(MAC2)].state, DutState::Retired);
+    assert_eq!(v.duts[&mac(MAC2)].training, TrainingInfo::default());
+    // The check is over before the record is cleared.
+    farm.clear_quick_check(&mac(MAC1));
+    let v = farm.view();
+    assert_eq!(v.duts[&mac(MAC1)].state, DutState::Idle);
+    assert_eq!(v.duts[&mac(MAC1)].training, TrainingInfo::default());
+}
+
 #[tokio::test]
 async fn registration_creates_merges_and_consumes_the_discovery() {
     let (farm, db) = farm().await;

@@ -243,11 +243,22 @@ impl Farm {
             let r = rt.duts.get(id);
             let has_port = Self::port_resolves(&pdus, dut);
             let full_name = names.get(id).cloned().unwrap_or_default();
+            let state = compute_state(dut, r, has_port);
+            // Sergent Hartman's progress belongs to a DUT that trains or is
+            // quick-checked: derived from the state, it never shows next to
+            // another one (the DUT leaves TRAINING in MarsDB a moment before
+            // the helper clears its record).
+            let training = match state {
+                DutState::Training | DutState::QuickCheck => {
+                    r.map(|r| r.training.clone()).unwrap_or_default()
+                }
+                _ => TrainingInfo::default(),
+            };
             duts.insert(
                 *id,
                 DutView {
                     id: id.to_string(),
-                    state: compute_state(dut, r, has_port),
+                    state,
                     ready_for_service: dut.ready_for_service,
                     has_pdu_assigned: has_port,
                     local_tty_device: dut.local_tty_device.clone(),
@@ -258,7 +269,7 @@ impl Farm {
                     mac_address: dut.mac_address.to_string(),
                     ip_address: dut.ip_address.to_string(),
                     is_retired: dut.is_retired,
-                    training: r.map(|r| r.training.clone()).unwrap_or_default(),
+                    training,
                     pdu: DutPduRef {
                         name: dut.pdu.clone(),
                         port_id: dut.pdu_port_id.as_ref().map(|p| p.as_str().to_string()),
