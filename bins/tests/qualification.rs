@@ -53,6 +53,11 @@ struct Options {
     /// printed them just before the job powered it on (see
     /// [`StaleConsoles`]).
     stale_console: Option<&'static [u8]>,
+    /// Every quick check stops before its check until the test releases
+    /// it ([`QualFarm::held`], [`QualFarm::release`]), so that the state a
+    /// DUT shows during its quick check is observed whatever the speed of
+    /// the machine (a simulated check takes a few milliseconds).
+    hold_quick_checks: bool,
 }
 
 impl Options {
@@ -68,6 +73,7 @@ impl Options {
             quick_check: true,
             quiet: false,
             stale_console: None,
+            hold_quick_checks: false,
         }
     }
 }
@@ -82,6 +88,55 @@ struct QualFarm {
     vpdu: VpduServerHandle,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    holds: Arc<Holds>,
+}
+
+/// The quick checks held by [`Options::hold_quick_checks`]: the simulated
+/// DUT's `GET /hold/<MAC>` waits here until the test releases that DUT.
+#[derive(Default)]
+struct Holds {
+    enabled: bool,
+    waiting: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Holds {
+    /// Writes the bootloop template to `path`, with a held request before
+    /// the check of a quick check when holding. The request's answer
+    /// (204) matches no pattern.
+    fn write_bootloop(&self, path: &Path, bootloop: &str) {
+        if !self.enabled {
+            std::fs::write(path, bootloop).unwrap();
+            return;
+        }
+        const CHECK: &str = "\n          - 'vivian.cmd=\"get @EXECUTOR@/api/v1/dut/@MAC@";
+        let held = bootloop.replace(
+            CHECK,
+            &format!(
+                "\n{{%- if training_kind == 'quick_check' %}}\n          - 'vivian.cmd=\"get @EXECUTOR@/hold/@MAC@\"'\n{{%- endif %}}{CHECK}"
+            ),
+        );
+        assert_ne!(held, bootloop, "the bootloop template has no check to hold");
+        std::fs::write(path, held).unwrap();
+    }
+
+    /// The route the held DUTs call.
+    fn route(
+        self: &Arc<Self>,
+    ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+        let holds = self.clone();
+        warp::path!("hold" / String).and_then(move |mac: String| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            holds.waiting.lock().unwrap().insert(mac, tx);
+            async move {
+                // Released, or the farm stopped (the sender was dropped).
+                let _ = rx.await;
+                Ok::<_, warp::Rejection>(warp::Reply::into_response(warp::reply::with_status(
+                    "",
+                    warp::http::StatusCode::NO_CONTENT,
+                )))
+            }
+        })
+    }
 }
 
 impl QualFarm {
@@ -94,7 +149,11 @@ impl QualFarm {
         let registration = dir.path().join("registration.yml.j2");
         let bootloop = dir.path().join("bootloop.yml.j2");
         std::fs::write(&registration, &opts.registration).unwrap();
-        std::fs::write(&bootloop, &opts.bootloop).unwrap();
+        let holds = Arc::new(Holds {
+            enabled: opts.hold_quick_checks,
+            ..Holds::default()
+        });
+        holds.write_bootloop(&bootloop, &opts.bootloop);
 
         let salad = Salad::start(SaladConfig::local(Some(dir.path().join("consoles"))))
             .await
@@ -211,8 +270,13 @@ impl QualFarm {
         let files = warp::path!("artifacts" / ..)
             .and(warp::fs::dir(artifacts))
             .map(warp::Reply::into_response);
-        let filter =
-            vivian::serve::with_json_fallback(files.or(vivian::api::routes(state)).unify());
+        let filter = vivian::serve::with_json_fallback(
+            files
+                .or(holds.route())
+                .unify()
+                .or(vivian::api::routes(state))
+                .unify(),
+        );
         let (stop, mut stop_rx) = watch::channel(false);
         let server = tokio::spawn(vivian::serve::serve(filter, vec![listener], async move {
             let _ = stop_rx.wait_for(|s| *s).await;
@@ -229,10 +293,13 @@ impl QualFarm {
             vpdu,
             stop,
             server,
+            holds,
         }
     }
 
     async fn stop(self) {
+        // Held quick checks go on (and the server can drain).
+        self.holds.waiting.lock().unwrap().clear();
         let _ = self.stop.send(true);
         let _ = self.server.await;
         self.farm.shutdown().await;
@@ -244,8 +311,11 @@ impl QualFarm {
         self.dir.path().join("mars_db.yaml")
     }
 
-    fn template_path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+    /// Replaces the boot-loop template the farm reads at every job (with
+    /// the hold of [`Options::hold_quick_checks`] when the farm holds).
+    fn set_bootloop(&self, text: &str) {
+        self.holds
+            .write_bootloop(&self.dir.path().join("bootloop.yml.j2"), text);
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
@@ -273,6 +343,30 @@ impl QualFarm {
         let (status, body) = self.get(&format!("/api/v1/dut/{id}")).await;
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
+    }
+
+    /// Waits (at most 30 s) until the quick check of `id` is held
+    /// ([`Options::hold_quick_checks`]), then returns the DUT object: the
+    /// check cannot have ended.
+    async fn held(&self, id: &str) -> Value {
+        for _ in 0..1500 {
+            if self.holds.waiting.lock().unwrap().contains_key(id) {
+                return self.dut(id).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "{id}: no quick check held in 30 s; now {}\njob logs:\n{}",
+            self.dut(id).await,
+            self.dump_logs()
+        );
+    }
+
+    /// Lets the held quick check of `id` go on.
+    fn release(&self, id: &str) {
+        let tx = self.holds.waiting.lock().unwrap().remove(id);
+        let tx = tx.unwrap_or_else(|| panic!("{id}: no quick check is held"));
+        let _ = tx.send(());
     }
 
     /// Polls the DUT (every 20 ms, at most `secs`) until `cond` holds;
@@ -509,7 +603,9 @@ async fn shipped_templates_render_for_both_machine_kinds() {
 /// quick check back to training, and recovery.
 #[tokio::test]
 async fn discovery_training_user_job_retire_activate_and_quick_checks() {
-    let f = QualFarm::start(Options::new(PDU_ONLY)).await;
+    let mut opts = Options::new(PDU_ONLY);
+    opts.hold_quick_checks = true;
+    let f = QualFarm::start(opts).await;
     let mac = outlet_mac(1);
 
     // Discovery: the machine behind port 1 boots the default configuration
@@ -584,30 +680,35 @@ async fn discovery_training_user_job_retire_activate_and_quick_checks() {
         )
         .await;
     assert_eq!(s, 200, "{b}");
+    // Queued at once, then running (held before its check).
     let d = f.dut(&mac).await;
     assert_eq!(d["state"], "QUICK_CHECK", "{d}");
-    let (_, seen) = f.wait(&mac, "quick-checked", 30, state_is("IDLE")).await;
-    assert_eq!(
-        seen.first().map(String::as_str),
-        Some("QUICK_CHECK"),
-        "{seen:?}"
-    );
-    assert_eq!(f.logs("quick_check", &mac).len(), 1);
+    let d = f.held(&mac).await;
+    assert_eq!(d["state"], "QUICK_CHECK", "{d}");
+    assert_eq!(d["training"]["state"], "QUICK_CHECK", "{d}");
+    f.release(&mac);
+    f.wait(&mac, "quick-checked", 30, |d| {
+        d["state"] == "IDLE" && f.logs("quick_check", &mac).len() == 1
+    })
+    .await;
 
     // The machine's check now fails (its boot-loop job changed on disk):
     // an API-requested quick check fails and the DUT goes back to training.
     let broken = BOOTLOOP_JOB.replace("/api/v1/dut/@MAC@", "/api/v1/dut/@MAC@/no-such-thing");
     assert_ne!(broken, BOOTLOOP_JOB);
-    std::fs::write(f.template_path("bootloop.yml.j2"), broken).unwrap();
+    f.set_bootloop(&broken);
     let (s, b) = f
         .send("POST", &format!("/api/v1/dut/{mac}/quick_check"), None)
         .await;
     assert_eq!(s, 200, "{b}");
-    let (d, seen) = f
+    let d = f.held(&mac).await;
+    assert_eq!(d["state"], "QUICK_CHECK", "{d}");
+    f.release(&mac);
+    let (d, _) = f
         .wait(&mac, "back to training", 30, state_is("TRAINING"))
         .await;
-    assert!(seen.contains(&"QUICK_CHECK".to_string()), "{seen:?}");
     assert_eq!(d["ready_for_service"], false, "{d}");
+    assert_eq!(f.logs("quick_check", &mac).len(), 2);
     // Its training fails too; the failed loop's log is served (loops[0]
     // is the registration, which passed: no log).
     let (d, _) = f
@@ -629,7 +730,7 @@ async fn discovery_training_user_job_retire_activate_and_quick_checks() {
     assert_eq!(s, 404);
 
     // The machine is fixed: the next training round qualifies it again.
-    std::fs::write(f.template_path("bootloop.yml.j2"), BOOTLOOP_JOB).unwrap();
+    f.set_bootloop(BOOTLOOP_JOB);
     let (d, _) = f.wait(&mac, "IDLE again", 60, state_is("IDLE")).await;
     assert_eq!(d["ready_for_service"], true, "{d}");
     f.stop().await;
@@ -664,6 +765,7 @@ async fn hand_edited_marsdb_flaky_dut_and_failed_registration() {
         "ip_address=@IP@{% if machine.comment == 'broken-registration' %} bogus=1{% endif %}\"",
     );
     assert_ne!(opts.registration, REGISTRATION_JOB);
+    opts.hold_quick_checks = true;
     let f = QualFarm::start(opts).await;
 
     // No PDU port yet: both wait for their configuration.
@@ -761,12 +863,13 @@ async fn hand_edited_marsdb_flaky_dut_and_failed_registration() {
     edit_marsdb(&f.db_path(), |v| {
         dut_yaml(v, &b).insert("is_retired".into(), false.into());
     });
-    let (_, seen) = f
-        .wait(&b, "B quick-checked", 30, |d| {
-            d["state"] == "IDLE" && f.logs("quick_check", &b).len() == 1
-        })
-        .await;
-    assert!(seen.contains(&"QUICK_CHECK".to_string()), "{seen:?}");
+    let d = f.held(&b).await;
+    assert_eq!(d["state"], "QUICK_CHECK", "{d}");
+    f.release(&b);
+    f.wait(&b, "B quick-checked", 30, |d| {
+        d["state"] == "IDLE" && f.logs("quick_check", &b).len() == 1
+    })
+    .await;
     let status = f.user_job(&b).await;
     assert_eq!(status, JobStatus::Pass, "{}", f.dump_logs());
     f.stop().await;
@@ -912,28 +1015,33 @@ async fn ready_duts_are_quick_checked_at_start_up_and_a_failure_retrains() {
         "/api/v1/dut/@MAC@{% if 'bad-check' in machine.manual_tags and training_kind == 'quick_check' %}/broken{% endif %}\"",
     );
     assert_ne!(opts.bootloop, BOOTLOOP_JOB);
+    opts.hold_quick_checks = true;
     let f = QualFarm::start(opts).await;
 
-    let (d, seen) = f
+    // Both are checked at once, each on its own.
+    for id in [&good, &bad] {
+        let d = f.held(id).await;
+        assert_eq!(d["state"], "QUICK_CHECK", "{d}");
+        assert_eq!(d["training"]["state"], "QUICK_CHECK", "{d}");
+    }
+    f.release(&good);
+    let (d, _) = f
         .wait(&good, "quick-checked", 30, |d| {
             d["state"] == "IDLE" && f.logs("quick_check", &good).len() == 1
         })
         .await;
-    assert_eq!(
-        seen.first().map(String::as_str),
-        Some("QUICK_CHECK"),
-        "{seen:?}"
-    );
     assert_eq!(d["ready_for_service"], true, "{d}");
     assert!(f.logs("quick_check", &good)[0].contains("session end: PASS"));
     assert!(f.logs("registration", &good).is_empty());
 
+    // The bad one was held all along: still QUICK_CHECK.
+    assert_eq!(f.dut(&bad).await["state"], "QUICK_CHECK");
+    f.release(&bad);
     let (d, seen) = f
         .wait(&bad, "retrained", 60, |d| {
             d["state"] == "IDLE" && f.logs("bootloop", &bad).len() == 2
         })
         .await;
-    // Its quick check may have failed while the good one was watched.
     assert!(seen.contains(&"TRAINING".to_string()), "{seen:?}");
     assert_eq!(d["ready_for_service"], true, "{d}");
     let checks = f.logs("quick_check", &bad);
