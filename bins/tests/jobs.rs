@@ -474,7 +474,8 @@ struct TimeoutCase {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_timeout_expires_with_and_without_retries_left() {
     const PASS: &[&str] = &["print JOB_RESULT=PASS", "poweroff"];
-    const SILENT: &[&str] = &["print going silent", "hang"];
+    // Silent after half a line: the timeout's message starts a new line.
+    const SILENT: &[&str] = &["printf going silent", "hang"];
     // A DUT that keeps talking for about 4 s without ending the session.
     const CHATTY: &[&str] = &[
         "print tick",
@@ -655,6 +656,14 @@ deployment:
                     case.name
                 ));
             }
+        }
+        if case.start == SILENT
+            && !(out.contains("going silent\n") && log.contains("going silent\n"))
+        {
+            failures.push(format!(
+                "{}: the timeout's message does not start a new line\n{out}\n--- log ---\n{log}",
+                case.name
+            ));
         }
         if !out.contains(&format!("Job status: {}", case.want)) {
             failures.push(format!("{}: no verdict shown\n{out}", case.name));

@@ -130,10 +130,16 @@ where
     };
     let mut escape = Escape::new();
     let mut stdout = std::io::stdout();
+    // Whether the console output shown so far ends a line: a control
+    // message (a timeout hit while the DUT is mid-line) starts a new one.
+    let mut at_line_start = true;
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Message(Ok(Some(msg))) => match msg.payload {
                 Payload::JobIo(data) => {
+                    if let Some(last) = data.last() {
+                        at_line_start = *last == b'\n';
+                    }
                     let _ = stdout.write_all(&data);
                     let _ = stdout.flush();
                 }
@@ -142,6 +148,10 @@ where
                         record_patterns(&mut outcome.patterns, &c.metadata);
                     }
                     let text = c.msg.trim_end();
+                    if !at_line_start {
+                        let _ = writeln!(stdout);
+                        at_line_start = true;
+                    }
                     if c.tag == tag::DUT_CONSOLE_PATTERN_MATCHED || c.tag == tag::TIMEOUT_HIT {
                         let _ = writeln!(stdout, "{HIGHLIGHT}{text}{RESET}");
                     } else {
