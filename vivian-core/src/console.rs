@@ -280,6 +280,11 @@ impl LineSplitter {
         }
     }
 
+    /// Drops the partial line buffered so far (a new stream starts).
+    pub fn clear(&mut self) {
+        self.partial.clear();
+    }
+
     /// End of stream: give out the partial line left, if any, as an
     /// incomplete line.
     pub fn finish(&mut self, mut on_line: impl FnMut(Line<'_>)) {

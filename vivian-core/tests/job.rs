@@ -445,8 +445,11 @@ fn long_lines_are_bounded_and_reported() {
     let f = m.feed(&flood);
     assert_eq!(f.matches.len(), 2);
     assert!(f.matches.iter().all(|l| l.line.len() == MAX_LINE_LEN));
+    let ends: Vec<usize> = f.matches.iter().map(|l| l.end).collect();
+    assert_eq!(ends, [MAX_LINE_LEN, 2 * MAX_LINE_LEN]);
     let f = m.feed(b"\n");
     assert_eq!(f.matches.len(), 1);
+    assert_eq!(f.matches[0].end, 1);
     assert_eq!(f.matches[0].line, b"xxxxxxxxxx\n");
     assert_eq!(
         f.matches[0].control_text(),

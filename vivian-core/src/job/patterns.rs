@@ -12,13 +12,15 @@ use serde::Deserialize;
 use super::regex::compile_python_regex;
 use super::timeouts::WatchdogAction;
 use super::{JobError, JobStatus};
+use crate::console::LineSplitter;
 
 /// The default `session_end` pattern: a kernel's power-down message.
 pub const DEFAULT_SESSION_END_REGEX: &str = r"^\[[\d \.]{12}\] reboot: Power Down$";
 
 /// Longest console line kept for matching; a longer run of bytes without a
-/// newline is matched as a line of its own so memory stays bounded.
-pub const MAX_LINE_LEN: usize = 64 * 1024;
+/// newline is matched as a line of its own so memory stays bounded (the
+/// bound of the [`LineSplitter`] the matcher splits lines with).
+pub const MAX_LINE_LEN: usize = crate::console::DEFAULT_MAX_LINE;
 
 /// A compiled console pattern.
 #[derive(Clone)]
@@ -235,7 +237,7 @@ pub struct ConsoleMatcher {
     patterns: ConsolePatterns,
     armed_watchdogs: HashSet<String>,
     running_watchdogs: HashSet<String>,
-    partial: Vec<u8>,
+    lines: LineSplitter,
     seen_newline: bool,
     matched: Vec<String>,
     session_ended: bool,
@@ -257,7 +259,7 @@ impl ConsoleMatcher {
             patterns,
             armed_watchdogs: armed_watchdogs.into_iter().map(Into::into).collect(),
             running_watchdogs: HashSet::new(),
-            partial: Vec::new(),
+            lines: LineSplitter::new(MAX_LINE_LEN),
             seen_newline: false,
             matched: Vec::new(),
             session_ended: false,
@@ -285,7 +287,7 @@ impl ConsoleMatcher {
         self.reboot_requested = false;
         self.running_watchdogs.clear();
         self.seen_newline = false;
-        self.partial.clear();
+        self.lines.clear();
     }
 
     /// Feeds console bytes; complete lines are matched, a trailing partial
@@ -296,61 +298,54 @@ impl ConsoleMatcher {
             self.seen_newline = true;
         }
         out.activity = self.seen_newline && !data.is_empty();
-        let mut rest = data;
-        while !rest.is_empty() {
-            let room = MAX_LINE_LEN.saturating_sub(self.partial.len()).max(1);
-            let window = &rest[..rest.len().min(room)];
-            match window.iter().position(|&b| b == b'\n') {
-                Some(pos) => {
-                    self.partial.extend_from_slice(&rest[..=pos]);
-                    rest = &rest[pos + 1..];
-                }
-                None if window.len() == room => {
-                    self.partial.extend_from_slice(window);
-                    rest = &rest[window.len()..];
-                }
-                None => {
-                    self.partial.extend_from_slice(rest);
-                    break;
-                }
-            }
-            let line = std::mem::take(&mut self.partial);
-            if let Some(mut m) = self.process_line(line) {
-                m.end = data.len() - rest.len();
+        // The splitter is moved out while its lines are matched (matching
+        // needs the rest of `self`).
+        let mut lines = std::mem::replace(&mut self.lines, LineSplitter::new(1));
+        // A line's end in `data`: the bytes it took from `data` (its first
+        // bytes may have been carried over from earlier chunks).
+        let mut carried = lines.pending().len();
+        let mut end = 0;
+        lines.push(data, |line| {
+            end += line.bytes.len() - carried;
+            carried = 0;
+            if let Some(mut m) = self.process_line(line.bytes) {
+                m.end = end;
                 out.matches.push(m);
             }
-        }
+        });
+        self.lines = lines;
         out
     }
 
-    /// Matches one complete line (normally called by [`feed`](Self::feed)).
-    pub fn process_line(&mut self, line: Vec<u8>) -> Option<LineMatch> {
+    /// Matches one line (normally called by [`feed`](Self::feed), which
+    /// also gives lines cut at [`MAX_LINE_LEN`]).
+    pub fn process_line(&mut self, line: &[u8]) -> Option<LineMatch> {
         let mut patterns = Vec::new();
         let mut events = Vec::new();
         let p = &self.patterns;
-        if p.session_end.is_match(&line) {
+        if p.session_end.is_match(line) {
             self.session_ended = true;
             patterns.push("session_end".to_string());
             events.push(ConsoleEvent::SessionEnd);
         }
-        if p.session_reboot.as_ref().is_some_and(|r| r.is_match(&line)) {
+        if p.session_reboot.as_ref().is_some_and(|r| r.is_match(line)) {
             self.reboot_requested = true;
             patterns.push("session_reboot".to_string());
             events.push(ConsoleEvent::SessionReboot);
         }
-        if p.job_success.as_ref().is_some_and(|r| r.is_match(&line)) {
+        if p.job_success.as_ref().is_some_and(|r| r.is_match(line)) {
             self.success = true;
             patterns.push("job_success".to_string());
             events.push(ConsoleEvent::JobSuccess);
         }
-        if p.job_warn.as_ref().is_some_and(|r| r.is_match(&line)) {
+        if p.job_warn.as_ref().is_some_and(|r| r.is_match(line)) {
             self.warn = true;
             patterns.push("job_warn".to_string());
             events.push(ConsoleEvent::JobWarn);
         }
         if p.machine_unfit_for_service
             .as_ref()
-            .is_some_and(|r| r.is_match(&line))
+            .is_some_and(|r| r.is_match(line))
         {
             self.unfit = true;
             patterns.push("machine_unfit_for_service".to_string());
@@ -368,15 +363,15 @@ impl ConsoleMatcher {
                 });
             };
             if !self.running_watchdogs.contains(name) {
-                if wd.start.is_match(&line) {
+                if wd.start.is_match(line) {
                     self.running_watchdogs.insert(name.clone());
                     fire(WatchdogAction::Start, "start");
                 }
             } else {
-                if wd.reset.is_match(&line) {
+                if wd.reset.is_match(line) {
                     fire(WatchdogAction::Reset, "reset");
                 }
-                if wd.stop.is_match(&line) {
+                if wd.stop.is_match(line) {
                     self.running_watchdogs.remove(name);
                     fire(WatchdogAction::Stop, "stop");
                 }
@@ -392,7 +387,7 @@ impl ConsoleMatcher {
         }
         Some(LineMatch {
             end: line.len(),
-            line,
+            line: line.to_vec(),
             patterns,
             events,
         })
