@@ -346,20 +346,14 @@ impl QualFarm {
     }
 
     /// Waits (at most 30 s) until the quick check of `id` is held
-    /// ([`Options::hold_quick_checks`]), then returns the DUT object: the
-    /// check cannot have ended.
+    /// ([`Options::hold_quick_checks`]), then returns the DUT object read
+    /// after that: the check cannot have ended.
     async fn held(&self, id: &str) -> Value {
-        for _ in 0..1500 {
-            if self.holds.waiting.lock().unwrap().contains_key(id) {
-                return self.dut(id).await;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "{id}: no quick check held in 30 s; now {}\njob logs:\n{}",
-            self.dut(id).await,
-            self.dump_logs()
-        );
+        self.wait(id, "quick check held", 30, |_| {
+            self.holds.waiting.lock().unwrap().contains_key(id)
+        })
+        .await;
+        self.dut(id).await
     }
 
     /// Lets the held quick check of `id` go on.

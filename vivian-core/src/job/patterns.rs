@@ -234,11 +234,18 @@ pub struct ConsoleFeed {
 /// runner to apply to its [`Timeouts`](super::Timeouts).
 #[derive(Debug, Clone)]
 pub struct ConsoleMatcher {
+    lines: LineSplitter,
+    seen_newline: bool,
+    state: MatchState,
+}
+
+/// What the lines matched so far decided (kept apart from the splitter so
+/// that matching a line can use it while the splitter gives the line).
+#[derive(Debug, Clone)]
+struct MatchState {
     patterns: ConsolePatterns,
     armed_watchdogs: HashSet<String>,
     running_watchdogs: HashSet<String>,
-    lines: LineSplitter,
-    seen_newline: bool,
     matched: Vec<String>,
     session_ended: bool,
     reboot_requested: bool,
@@ -256,23 +263,25 @@ impl ConsoleMatcher {
         S: Into<String>,
     {
         ConsoleMatcher {
-            patterns,
-            armed_watchdogs: armed_watchdogs.into_iter().map(Into::into).collect(),
-            running_watchdogs: HashSet::new(),
             lines: LineSplitter::new(MAX_LINE_LEN),
             seen_newline: false,
-            matched: Vec::new(),
-            session_ended: false,
-            reboot_requested: false,
-            success: false,
-            warn: false,
-            unfit: false,
+            state: MatchState {
+                patterns,
+                armed_watchdogs: armed_watchdogs.into_iter().map(Into::into).collect(),
+                running_watchdogs: HashSet::new(),
+                matched: Vec::new(),
+                session_ended: false,
+                reboot_requested: false,
+                success: false,
+                warn: false,
+                unfit: false,
+            },
         }
     }
 
     /// The patterns in use.
     pub fn patterns(&self) -> &ConsolePatterns {
-        &self.patterns
+        &self.state.patterns
     }
 
     /// Starts a new boot: clears the reboot request, cancels the watchdogs,
@@ -284,8 +293,8 @@ impl ConsoleMatcher {
     /// before that moment must not be fed at all (they belong to no boot of
     /// the job).
     pub fn reset_per_boot(&mut self) {
-        self.reboot_requested = false;
-        self.running_watchdogs.clear();
+        self.state.reboot_requested = false;
+        self.state.running_watchdogs.clear();
         self.seen_newline = false;
         self.lines.clear();
     }
@@ -294,32 +303,72 @@ impl ConsoleMatcher {
     /// line is kept for the next call.
     pub fn feed(&mut self, data: &[u8]) -> ConsoleFeed {
         let mut out = ConsoleFeed::default();
-        if data.contains(&b'\n') {
-            self.seen_newline = true;
-        }
-        out.activity = self.seen_newline && !data.is_empty();
-        // The splitter is moved out while its lines are matched (matching
-        // needs the rest of `self`).
-        let mut lines = std::mem::replace(&mut self.lines, LineSplitter::new(1));
         // A line's end in `data`: the bytes it took from `data` (its first
         // bytes may have been carried over from earlier chunks).
-        let mut carried = lines.pending().len();
+        let mut carried = self.lines.pending().len();
         let mut end = 0;
-        lines.push(data, |line| {
+        let (state, seen_newline) = (&mut self.state, &mut self.seen_newline);
+        self.lines.push(data, |line| {
             end += line.bytes.len() - carried;
             carried = 0;
-            if let Some(mut m) = self.process_line(line.bytes) {
+            // Only complete lines end with a newline.
+            *seen_newline |= line.complete;
+            if let Some(mut m) = state.process_line(line.bytes) {
                 m.end = end;
                 out.matches.push(m);
             }
         });
-        self.lines = lines;
+        out.activity = self.seen_newline && !data.is_empty();
         out
     }
 
     /// Matches one line (normally called by [`feed`](Self::feed), which
     /// also gives lines cut at [`MAX_LINE_LEN`]).
     pub fn process_line(&mut self, line: &[u8]) -> Option<LineMatch> {
+        self.state.process_line(line)
+    }
+
+    /// Every pattern name matched so far in the job, in first-match order.
+    pub fn matched(&self) -> &[String] {
+        &self.state.matched
+    }
+
+    /// Whether `session_end` matched.
+    pub fn session_ended(&self) -> bool {
+        self.state.session_ended
+    }
+
+    /// Whether `session_reboot` matched during this boot.
+    pub fn reboot_requested(&self) -> bool {
+        self.state.reboot_requested
+    }
+
+    /// Whether `machine_unfit_for_service` ever matched.
+    pub fn machine_unfit_for_service(&self) -> bool {
+        self.state.unfit
+    }
+
+    /// Whether the watchdog runs (its `start` matched and `stop` did not).
+    pub fn watchdog_running(&self, name: &str) -> bool {
+        self.state.running_watchdogs.contains(name)
+    }
+
+    /// The verdict (EX B.4): INCOMPLETE until `session_end` matched; then,
+    /// with a `job_success` pattern, PASS (WARN if `job_warn` ever matched)
+    /// or FAIL; without one, COMPLETE.
+    pub fn status(&self) -> JobStatus {
+        verdict(
+            self.state.session_ended,
+            self.state.patterns.job_success.is_some(),
+            self.state.success,
+            self.state.warn,
+        )
+    }
+}
+
+impl MatchState {
+    /// Matches one line: records what it decided and reports it.
+    fn process_line(&mut self, line: &[u8]) -> Option<LineMatch> {
         let mut patterns = Vec::new();
         let mut events = Vec::new();
         let p = &self.patterns;
@@ -391,43 +440,6 @@ impl ConsoleMatcher {
             patterns,
             events,
         })
-    }
-
-    /// Every pattern name matched so far in the job, in first-match order.
-    pub fn matched(&self) -> &[String] {
-        &self.matched
-    }
-
-    /// Whether `session_end` matched.
-    pub fn session_ended(&self) -> bool {
-        self.session_ended
-    }
-
-    /// Whether `session_reboot` matched during this boot.
-    pub fn reboot_requested(&self) -> bool {
-        self.reboot_requested
-    }
-
-    /// Whether `machine_unfit_for_service` ever matched.
-    pub fn machine_unfit_for_service(&self) -> bool {
-        self.unfit
-    }
-
-    /// Whether the watchdog runs (its `start` matched and `stop` did not).
-    pub fn watchdog_running(&self, name: &str) -> bool {
-        self.running_watchdogs.contains(name)
-    }
-
-    /// The verdict (EX B.4): INCOMPLETE until `session_end` matched; then,
-    /// with a `job_success` pattern, PASS (WARN if `job_warn` ever matched)
-    /// or FAIL; without one, COMPLETE.
-    pub fn status(&self) -> JobStatus {
-        verdict(
-            self.session_ended,
-            self.patterns.job_success.is_some(),
-            self.success,
-            self.warn,
-        )
     }
 }
 
